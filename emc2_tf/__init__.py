@@ -1,0 +1,31 @@
+"""emc2-tf: contrastive pre-training with EMC² (Yau et al., ICML 2024) in TensorFlow/Keras.
+
+Everything a user needs is re-exported here; see README.md for examples.
+"""
+
+from emc2_tf.data import (
+    DEFAULT_FASHION_MNIST_DIR,
+    AugmentConfig,
+    ImageDataset,
+    SimCLRAugment,
+    from_arrays,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_tfds,
+    make_two_view_dataset,
+)
+from emc2_tf.encoders import build_encoder, build_resnet18_encoder, build_small_cnn_encoder
+from emc2_tf.evaluation import (
+    KNNAccuracyCallback,
+    embed,
+    evaluate_encoder,
+    knn_accuracy,
+    linear_probe_accuracy,
+)
+from emc2_tf.export import export_encoder
+from emc2_tf.losses import exact_global_contrastive_loss, global_contrastive_loss
+from emc2_tf.models import METHODS, ContrastiveModel, EMC2Model, build_model
+from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan
+
+__version__ = "0.1.0"

@@ -1,0 +1,15 @@
+"""Data: in-memory sources, SimCLR augmentations, the two-view pipeline."""
+
+from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+from emc2_tf.data.batch import unpack_two_view_batch
+from emc2_tf.data.pipeline import make_two_view_dataset
+from emc2_tf.data.sources import (
+    DEFAULT_FASHION_MNIST_DIR,
+    ImageDataset,
+    from_arrays,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_tfds,
+    read_idx,
+)

@@ -1,0 +1,112 @@
+"""The two-view batch contract every contrastive model of emc2-tf trains on.
+
+A training element holds, for a batch of B images:
+
+- `index`: int `[B]`, each image's position in the data set, in `[0, N)`, so
+  per-sample state (EMC² chains, SogCLR's `u`) can be addressed;
+- `view1`, `view2`: float `[B, H, W, C]`, two independent augmentations.
+
+It may be a dict with those keys or a tuple `(index, view1, view2)`. The
+checks here turn a wrong element into one `ValueError` that names the
+problem, before any graph is traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+INDEX_RANGE_MESSAGE = "emc2_tf: sample index out of range"
+
+_EXPECTED = (
+    "each element must hold the sample index and two views: a dict "
+    "{'index': int [B], 'view1': float [B, H, W, C], 'view2': float [B, H, W, C]} "
+    "or a tuple (index, view1, view2) (see emc2_tf.make_two_view_dataset)"
+)
+
+
+def _describe(structure: Any) -> str:
+    return str(tf.nest.map_structure(lambda s: getattr(s, "shape", s), structure))
+
+
+def unpack_two_view_batch(data: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Returns `(index, view1, view2)` from a batch, or raises `ValueError`."""
+    if isinstance(data, dict):
+        missing = [k for k in ("index", "view1", "view2") if k not in data]
+        if missing:
+            raise ValueError(
+                f"Dataset without {', '.join(missing)}: {_EXPECTED}; got keys "
+                f"{sorted(data)}."
+            )
+        index, view1, view2 = data["index"], data["view1"], data["view2"]
+    elif isinstance(data, (tuple, list)) and len(data) == 3:
+        index, view1, view2 = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(
+        data[1], (tuple, list)
+    ) and len(data[1]) == 2:
+        index, (view1, view2) = data
+    else:
+        raise ValueError(
+            f"Dataset without sample indices: {_EXPECTED}; got {_describe(data)}."
+        )
+    check_two_view_spec(index, view1, view2)
+    return index, view1, view2
+
+
+def check_two_view_spec(index: Any, view1: Any, view2: Any) -> None:
+    """Static checks of dtypes and ranks (works on tensors and TensorSpecs)."""
+    index_dtype = tf.as_dtype(index.dtype)
+    if not index_dtype.is_integer:
+        raise ValueError(
+            f"The sample index must be an integer tensor of shape [B]; got dtype "
+            f"{index_dtype.name}. {_EXPECTED}."
+        )
+    if index.shape.rank != 1:
+        raise ValueError(
+            f"The sample index must have shape [B] (rank 1, a batched dataset); "
+            f"got shape {index.shape}. Batch the dataset first."
+        )
+    for name, view in (("view1", view1), ("view2", view2)):
+        dtype = tf.as_dtype(view.dtype)
+        if not dtype.is_floating:
+            raise ValueError(
+                f"{name} must be float images with values in [0, 1]; got dtype "
+                f"{dtype.name}. Convert with tf.cast(images, tf.float32) / 255."
+            )
+        if view.shape.rank != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, height, width, channels]; got "
+                f"shape {view.shape}."
+            )
+    if view1.shape[1:] != view2.shape[1:]:
+        raise ValueError(
+            f"view1 and view2 must have the same image shape; got {view1.shape} "
+            f"and {view2.shape}."
+        )
+
+
+def check_dataset(dataset: tf.data.Dataset, dataset_size: int) -> tf.data.Dataset:
+    """Validates a dataset's element spec and adds a run-time index range check.
+
+    The range check runs in the input pipeline (outside any XLA cluster,
+    where assertions would be dropped) and fails with `INDEX_RANGE_MESSAGE`,
+    which `ContrastiveModel.fit` turns into a `ValueError`.
+    """
+    unpack_two_view_batch(dataset.element_spec)
+
+    def check_range(*element):
+        data = element[0] if len(element) == 1 else element
+        index = unpack_two_view_batch(data)[0]
+        checks = [
+            tf.debugging.assert_greater_equal(
+                index, tf.cast(0, index.dtype), message=INDEX_RANGE_MESSAGE
+            ),
+            tf.debugging.assert_less(
+                index, tf.cast(dataset_size, index.dtype), message=INDEX_RANGE_MESSAGE
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.nest.map_structure(tf.identity, element if len(element) > 1 else data)
+
+    return dataset.map(check_range)

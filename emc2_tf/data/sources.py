@@ -1,0 +1,196 @@
+"""Image data sets as in-memory arrays with a train / held-out split.
+
+Every loader returns an `ImageDataset`: float32 images `[N, H, W, C]` with
+values in [0, 1] and integer labels (used only for evaluation: pre-training
+never sees them). Nothing here downloads: digits ship inside scikit-learn,
+Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (or any
+folder of the four idx files), tfds data sets load from a prepared
+`data_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """Train and held-out images (float32 in [0, 1], NHWC) with labels."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_labels.max(), self.test_labels.max()) + 1)
+
+
+def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(
+            f"{name}: images must have shape [N, H, W] or [N, H, W, C]; got {images.shape}."
+        )
+    if np.issubdtype(images.dtype, np.integer):
+        images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise ValueError(
+            f"{name}: float images must have values in [0, 1]; got range "
+            f"[{images.min():.3g}, {images.max():.3g}]."
+        )
+    return images
+
+
+def from_arrays(
+    train_images: Any,
+    train_labels: Any,
+    test_images: Any,
+    test_labels: Any,
+    name: str = "arrays",
+) -> ImageDataset:
+    """Wraps in-memory arrays (uint8 0..255 or float 0..1) as an `ImageDataset`."""
+    train = _as_float_images(train_images, f"{name} train")
+    test = _as_float_images(test_images, f"{name} test")
+    train_labels = np.asarray(train_labels).astype(np.int64).reshape(-1)
+    test_labels = np.asarray(test_labels).astype(np.int64).reshape(-1)
+    if len(train_labels) != len(train) or len(test_labels) != len(test):
+        raise ValueError(
+            f"{name}: got {len(train)} train images with {len(train_labels)} labels and "
+            f"{len(test)} test images with {len(test_labels)} labels; counts must match."
+        )
+    if train.shape[1:] != test.shape[1:]:
+        raise ValueError(
+            f"{name}: train and test images differ in shape: {train.shape[1:]} vs "
+            f"{test.shape[1:]}."
+        )
+    return ImageDataset(name, train, train_labels, test, test_labels)
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes), split stratified.
+
+    The data ship inside scikit-learn: no download. Pixel values 0..16 are
+    scaled to [0, 1].
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, digits.target, test_size=test_fraction, random_state=seed,
+        stratify=digits.target,
+    )
+    return from_arrays(train_x, train_y, test_x, test_y, name="digits")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one idx file (optionally gzip-compressed) as a uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(4)
+        if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
+            raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number).")
+        ndim = header[3]
+        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
+        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, got {data.size}.")
+    return data.reshape(shape)
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    for candidate in (stem + ".gz", stem):
+        path = os.path.join(directory, candidate)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {directory!r}. Install Debian's "
+        f"package (`apt-get install dataset-fashion-mnist`, files under "
+        f"{DEFAULT_FASHION_MNIST_DIR}) or pass --data_dir / directory= pointing at the "
+        "four idx files."
+    )
+
+
+def load_fashion_mnist(directory: str | None = None) -> ImageDataset:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grey) from idx files.
+
+    Args:
+        directory: folder with `train-images-idx3-ubyte(.gz)` and the three
+            other idx files; default Debian's `/usr/share/datasets/fashion-mnist`.
+    """
+    directory = directory or DEFAULT_FASHION_MNIST_DIR
+    arrays = [
+        read_idx(_find_idx(directory, stem))
+        for stem in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    ]
+    return from_arrays(*arrays, name="fashion_mnist")
+
+
+def load_tfds(
+    name: str,
+    data_dir: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_key: str = "image",
+    label_key: str = "label",
+) -> ImageDataset:
+    """A prepared TensorFlow Datasets data set, read into memory; never downloads.
+
+    Args:
+        name: the tfds builder name, e.g. `cifar10` or `stl10`.
+        data_dir: where the data set was prepared (`tfds build` elsewhere).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        splits = tfds.load(
+            name, split=[train_split, test_split], data_dir=data_dir, download=False,
+            as_supervised=False, batch_size=-1,
+        )
+    except Exception as error:  # tfds raises several types for a missing data set
+        raise ValueError(
+            f"Could not load the tfds data set {name!r} from data_dir={data_dir!r} "
+            f"without downloading ({type(error).__name__}: {error}). Prepare it "
+            "elsewhere with `tfds build` and pass --data_dir."
+        ) from None
+    (train, test) = [tfds.as_numpy(split) for split in splits]
+    return from_arrays(
+        train[image_key], train[label_key], test[image_key], test[label_key], name=name
+    )
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> ImageDataset:
+    """`digits` | `fashion_mnist` | any tfds builder name."""
+    if name == "digits":
+        return load_digits()
+    if name == "fashion_mnist":
+        return load_fashion_mnist(data_dir)
+    return load_tfds(name, data_dir=data_dir)

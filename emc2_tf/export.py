@@ -1,0 +1,73 @@
+"""Export a trained encoder as a SavedModel in TF Serving's layout.
+
+Layout: `<export_dir>/<model_name>/<version>/` holding `saved_model.pb` and
+`variables/`; `version` is the next integer after the highest present (TF
+Serving serves the highest). The version is written into a hidden temporary
+folder beside it and renamed into place, so a model server never sees a
+half-written version.
+
+Serving contract: signature `serving_default` takes `images`, float32
+`[batch, H, W, C]` with values in [0, 1], and returns `embedding`, float32
+`[batch, D]`, L2-normalised. Only the encoder is exported: no chain state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+SIGNATURE = "serving_default"
+INPUT_NAME = "images"
+OUTPUT_NAME = "embedding"
+
+
+def existing_versions(model_dir: str) -> list[int]:
+    """Integer version folders present under `<export_dir>/<model_name>`."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(model_dir) if name.isdigit())
+
+
+def export_encoder(
+    encoder: keras.Model, export_dir: str = "savedmodels", model_name: str = "emc2"
+) -> str:
+    """Writes `encoder` as the next version of `model_name`; returns its path."""
+    if not model_name or os.sep in model_name or model_name.startswith("."):
+        raise ValueError(f"model_name must be a plain folder name; got {model_name!r}.")
+    input_shape = tuple(encoder.input_shape[1:])
+    if len(input_shape) != 3 or None in input_shape:
+        raise ValueError(
+            f"export needs an encoder with a fixed image input (H, W, C); got {input_shape}."
+        )
+    model_dir = os.path.join(export_dir, model_name)
+    os.makedirs(model_dir, exist_ok=True)
+
+    archive = keras.export.ExportArchive()
+    archive.track(encoder)
+    spec = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
+
+    def serve(images):
+        return {OUTPUT_NAME: encoder(images, training=False)}
+
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+
+    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir)
+    try:
+        archive.write_out(staging, verbose=False)
+        while True:
+            versions = existing_versions(model_dir)
+            target = os.path.join(model_dir, str(versions[-1] + 1 if versions else 1))
+            try:
+                os.rename(staging, target)  # atomic on one file system
+                return target
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+                # Another exporter took that version number: try the next one.
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)

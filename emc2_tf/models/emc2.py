@@ -1,0 +1,261 @@
+"""EMC²: the global contrastive loss with MH negative chains (Yau et al., ICML 2024).
+
+`EMC2Model.train_step` (the shared skeleton of `ContrastiveModel`) encodes the
+2B views, and `contrastive_loss` here follows algorithms.md, section 2:
+
+1. `S = Z Zᵀ` over the 2B views (the SimCLR cost);
+2. every batch image's chain scans the 2B candidates twice (view 1, then view
+   2 as anchor) with the MH test `U < exp(β S[a, c] − log_score_i)`,
+   vectorised over images (`emc2_tf.samplers.mh_scan`);
+3. the first `burn_in` valid steps of each pass are not recorded;
+4. the EMC² surrogate loss
+
+       L̂ = (1/2B) Σ_anchors [ −β s(a, p) + mean_k β s(a, z_k) ]
+
+   whose gradient, through anchors and negatives, estimates the gradient of
+   the global contrastive loss (its value is not the global loss: use
+   `emc2_tf.exact_global_contrastive_loss` to monitor that);
+5. a chain still on its out-of-batch negative from an earlier step is
+   re-encoded from the un-augmented image with the current weights;
+6. `chain_index` / `chain_log_score` are written back for the batch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from emc2_tf.models.contrastive_model import ContrastiveModel
+from emc2_tf.samplers.metropolis_hastings import (
+    OUT_OF_BATCH,
+    candidate_mask,
+    default_burn_in,
+    emc2_negative_term,
+    mh_scan,
+)
+
+#: Largest in-memory image table accepted by default (bytes, float32).
+DEFAULT_MAX_IMAGE_TABLE_BYTES = 2 * 1024**3
+
+
+class _ImageTable:
+    """Holds the un-augmented images out of Keras' and tf.train's tracking.
+
+    The table is data, not model state: it must not be written into weights
+    files, checkpoints or exported SavedModels.
+    """
+
+    def __init__(self, images: tf.Tensor):
+        self.images = images
+
+
+def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Tensor:
+    if images is None:
+        raise ValueError(
+            "EMC2Model needs `images`: the data set's un-augmented images "
+            "[N, H, W, C] (float, values in [0, 1]), indexed like the dataset's "
+            "`index`, so a chain's out-of-batch negative can be re-encoded with "
+            "the current weights."
+        )
+    dtype = tf.as_dtype(images.dtype)
+    if not dtype.is_floating:
+        raise ValueError(
+            f"images must be float with values in [0, 1] (like the views); got "
+            f"dtype {dtype.name}."
+        )
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+        raise ValueError(
+            f"images must have rank 4 [N, height, width, channels]; got shape {shape}."
+        )
+    if shape[0] != dataset_size:
+        raise ValueError(
+            f"images holds {shape[0]} images but dataset_size={dataset_size}; "
+            "they must match (one image per sample index)."
+        )
+    table_bytes = int(np.prod(shape)) * 4
+    if table_bytes > max_bytes:
+        raise ValueError(
+            f"The in-memory image table needs {table_bytes / 1024**3:.2f} GiB, above "
+            f"the limit max_image_table_bytes={max_bytes} "
+            f"({max_bytes / 1024**3:.2f} GiB). EMC² re-encodes out-of-batch "
+            "negatives by index inside the compiled step, so the images must fit "
+            "in memory: use a smaller or lower-resolution data set, or raise the "
+            "limit if the device has room."
+        )
+    return tf.convert_to_tensor(images, dtype=tf.float32)
+
+
+class EMC2Model(ContrastiveModel):
+    """Contrastive pre-training with EMC² negative chains.
+
+    Example:
+
+    ```python
+    data = emc2_tf.load_digits()
+    encoder = emc2_tf.build_small_cnn_encoder(data.image_shape)
+    model = emc2_tf.EMC2Model(
+        encoder=encoder, dataset_size=data.num_train, images=data.train_images,
+        temperature=0.1, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(emc2_tf.make_two_view_dataset(data.train_images, 64, seed=0), epochs=5)
+    ```
+
+    Args:
+        encoder: images `[B, H, W, C]` → L2-normalised embeddings `[B, D]`.
+        dataset_size: N; sample indices address `[0, N)`.
+        images: the N un-augmented images, float `[N, H, W, C]` in [0, 1],
+            used to re-encode a chain's out-of-batch negative.
+        temperature: τ (paper default 0.07, i.e. β ≈ 14.3).
+        burn_in: MH steps per pass not recorded; default `B − 1`.
+        exact_ratio: recompute the current state's score with the current
+            weights before each pass instead of the stored, stale score (the
+            paper's theory; official `--finite_aug`). Proposing the current
+            state itself is a self-transition, so it needs no extra candidate.
+        seed: seed of the MH uniforms.
+        max_image_table_bytes: refuse an image table larger than this.
+
+    State (non-trainable, saved with the weights and checkpoints):
+        chain_index: int32 `[N]`, each chain's current negative, −1 = empty.
+        chain_log_score: float32 `[N]`, `β s` of that negative when accepted.
+
+    Logged per step: `loss` (surrogate), `acceptance_rate` (accepted / valid
+    proposals), `out_of_batch_fraction` (chains ending the step on a negative
+    that is not one of this batch's views).
+    """
+
+    step_metric_names = ("acceptance_rate", "out_of_batch_fraction")
+
+    def __init__(
+        self,
+        encoder: keras.Model,
+        dataset_size: int,
+        images: Any = None,
+        temperature: float = 0.07,
+        burn_in: int | None = None,
+        exact_ratio: bool = False,
+        seed: int | None = None,
+        max_image_table_bytes: int = DEFAULT_MAX_IMAGE_TABLE_BYTES,
+        **kwargs: Any,
+    ):
+        super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
+        if burn_in is not None and (
+            isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0
+        ):
+            raise ValueError(f"burn_in must be None (B − 1) or an integer ≥ 0; got {burn_in!r}.")
+        self.burn_in = None if burn_in is None else int(burn_in)
+        self.exact_ratio = bool(exact_ratio)
+        self._image_table = _ImageTable(
+            _check_image_table(images, self.dataset_size, max_image_table_bytes)
+        )
+        self.chain_index = self.add_weight(
+            shape=(self.dataset_size,),
+            dtype="int32",
+            initializer=keras.initializers.Constant(OUT_OF_BATCH),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="chain_index",
+        )
+        self.chain_log_score = self.add_weight(
+            shape=(self.dataset_size,),
+            dtype="float32",
+            initializer=keras.initializers.Constant(-np.inf),
+            trainable=False,
+            aggregation="only_first_replica",
+            name="chain_log_score",
+        )
+
+    @property
+    def images(self) -> tf.Tensor:
+        """The un-augmented image table the chains' negatives are read from."""
+        return self._image_table.images
+
+    def _write_back(self, index: tf.Tensor, new_index: tf.Tensor, new_log_score: tf.Tensor):
+        """Writes the batch's chain states; identical on every replica.
+
+        Under a strategy the indices and values of all replicas are gathered
+        first and every replica applies the same update (shared notes,
+        Distribution), so the tables never diverge.
+        """
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            index = context.all_gather(index, axis=0)
+            new_index = context.all_gather(new_index, axis=0)
+            new_log_score = context.all_gather(new_log_score, axis=0)
+        rows = index[:, None]
+        self.chain_index.assign(
+            tf.tensor_scatter_nd_update(self.chain_index.value, rows, new_index)
+        )
+        self.chain_log_score.assign(
+            tf.tensor_scatter_nd_update(self.chain_log_score.value, rows, new_log_score)
+        )
+
+    def contrastive_loss(self, index, embeddings, training=True):
+        beta = tf.cast(self.inverse_temperature, embeddings.dtype)
+        batch_size = tf.shape(index)[0]
+        view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
+
+        logits = beta * tf.matmul(embeddings, embeddings, transpose_b=True)  # [2B, 2B]
+        anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, B, 2B]
+
+        old_index = tf.gather(self.chain_index.value, index)
+        old_log_score = tf.gather(self.chain_log_score.value, index)
+        has_state = old_index >= 0
+
+        # Step 5: the chain's out-of-batch negative, re-encoded now.
+        old_images = tf.gather(self.images, tf.maximum(old_index, 0))
+        old_embeddings = tf.cast(self.encoder(old_images, training=training), embeddings.dtype)
+        out_of_batch_logits = beta * tf.stack(
+            [
+                tf.reduce_sum(view1 * old_embeddings, axis=-1),
+                tf.reduce_sum(view2 * old_embeddings, axis=-1),
+            ]
+        )  # [2, B]
+
+        minus_inf = tf.fill(tf.shape(old_log_score), tf.constant(-np.inf, old_log_score.dtype))
+        if self.exact_ratio:
+            initial_log_score = tf.where(
+                has_state, tf.stop_gradient(out_of_batch_logits[0]), minus_inf
+            )
+        else:
+            initial_log_score = tf.where(has_state, old_log_score, minus_inf)
+
+        burn_in = default_burn_in(batch_size) if self.burn_in is None else self.burn_in
+        log_uniforms = tf.math.log(self.random_uniform([2, 2 * batch_size, batch_size]))
+        scan = mh_scan(
+            anchor_logits,
+            candidate_mask(index),
+            log_uniforms,
+            initial_log_score,
+            burn_in,
+            refresh_log_score_between_passes=self.exact_ratio,
+            out_of_batch_logits=tf.stop_gradient(out_of_batch_logits),
+        )
+
+        # Steps 5-6: ergodic average with gradient through anchors and negatives.
+        extended_logits = tf.concat([anchor_logits, out_of_batch_logits[..., None]], axis=-1)
+        recorded = scan.recorded & ((scan.states >= 0) | has_state[None, :, None])
+        negative_term = emc2_negative_term(extended_logits, scan.states, recorded)  # [2, B]
+        positive_term = beta * tf.reduce_sum(view1 * view2, axis=-1)  # [B]
+        loss = tf.reduce_mean(negative_term) - tf.reduce_mean(positive_term)
+
+        # Step 7: write back the batch's chains.
+        candidate_index = tf.concat([index, index], axis=0)
+        final_state = scan.final_state
+        new_index = tf.where(
+            final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)), old_index
+        )
+        self._write_back(index, new_index, tf.cast(scan.final_log_score, tf.float32))
+
+        valid_steps = 2.0 * tf.reduce_sum(tf.cast(scan.valid, tf.float32))
+        acceptance_rate = tf.math.divide_no_nan(
+            tf.reduce_sum(tf.cast(scan.accepted, tf.float32)), valid_steps
+        )
+        out_of_batch_fraction = tf.reduce_mean(tf.cast(final_state < 0, tf.float32))
+        return loss, {
+            "acceptance_rate": acceptance_rate,
+            "out_of_batch_fraction": out_of_batch_fraction,
+        }

@@ -1,0 +1,11 @@
+"""Negative-sampling strategies (one module each)."""
+
+from emc2_tf.samplers.metropolis_hastings import (
+    OUT_OF_BATCH,
+    MHScanResult,
+    candidate_mask,
+    default_burn_in,
+    emc2_negative_term,
+    metropolis_hastings_accept_probability,
+    mh_scan,
+)

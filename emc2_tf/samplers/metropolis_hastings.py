@@ -1,0 +1,220 @@
+"""Metropolis–Hastings negative chains of EMC² (algorithms.md, section 2).
+
+EMC² keeps one Markov chain per data-set image `i` whose target is the softmax
+over the image's negatives,
+
+    π_i(j) = exp(β s(a_i, z_j)) / Σ_{k ≠ i} exp(β s(a_i, z_k)),
+
+and estimates the log-partition gradient of the global contrastive loss with
+the ergodic average of the chain's states. Each training step runs, for every
+image of the batch, an independence-proposal MH scan over the batch's 2B
+views (the batch is a uniform draw from the data set, so scanning it is a
+uniform proposal):
+
+    accept candidate c  iff  U < exp(β S[a, c] − log_score_i),  U ~ U(0, 1)
+
+first with view 1 of `i` as anchor, then continuing the same chain with view 2
+as anchor, 4B MH steps in all. Chains of different images are independent, so
+the scan is vectorised over images and loops (compiled, `tf.scan`) over the
+candidates only.
+
+This module holds the pure tensor functions; `emc2_tf.models.EMC2Model` owns
+the chain state variables and calls them inside `train_step`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+# Candidate position used for "the chain's out-of-batch state from an earlier
+# step" inside a scan (its current state is not one of this batch's views).
+OUT_OF_BATCH = -1
+
+
+class MHScanResult(NamedTuple):
+    """What one EMC² scan over a batch produced.
+
+    Attributes:
+        states: int32 `[2, B, 2B]`: the chain's state after the MH step at
+            each candidate, per pass (pass 0 anchors view 1, pass 1 anchors
+            view 2). A state is a candidate position in `[0, 2B)` or
+            `OUT_OF_BATCH`.
+        recorded: bool `[2, B, 2B]`: which steps are recorded in the ergodic
+            average (valid candidates after the burn-in).
+        accepted: bool `[2, B, 2B]`: which MH steps accepted their candidate.
+        valid: bool `[B, 2B]`: which candidates may be proposed to each chain.
+        final_state: int32 `[B]`: the chain's state after the last step.
+        final_log_score: float32 `[B]`: `β s` of that state, as accepted.
+    """
+
+    states: tf.Tensor
+    recorded: tf.Tensor
+    accepted: tf.Tensor
+    valid: tf.Tensor
+    final_state: tf.Tensor
+    final_log_score: tf.Tensor
+
+
+def metropolis_hastings_accept_probability(
+    proposal_log_score: tf.Tensor, current_log_score: tf.Tensor
+) -> tf.Tensor:
+    """MH acceptance probability of an independence proposal under uniform q.
+
+        α = min(1, exp(β s_new − β s_old))
+
+    With a uniform proposal distribution the proposal densities cancel and
+    only the ratio of the target's unnormalised densities remains. An empty
+    chain has `current_log_score = −inf` and accepts with probability 1.
+    """
+    return tf.exp(tf.minimum(0.0, proposal_log_score - current_log_score))
+
+
+def candidate_mask(batch_index: tf.Tensor) -> tf.Tensor:
+    """Which of the 2B candidate views may become image b's negative.
+
+    A candidate is valid iff it is a view of a *different* data-set image:
+    the anchor itself, its positive and any repeated copy of the same image in
+    the batch are never proposed, so a sample is never its own negative.
+
+    Args:
+        batch_index: int `[B]`, the data-set indices of the batch's images.
+
+    Returns:
+        bool `[B, 2B]`; column c refers to view `c // B + 1` of image `c % B`.
+    """
+    candidate_index = tf.concat([batch_index, batch_index], axis=0)
+    return tf.not_equal(batch_index[:, None], candidate_index[None, :])
+
+
+def default_burn_in(batch_size) -> tf.Tensor:
+    """Burn-in of the official implementation: `P = B − 1` steps per pass."""
+    return batch_size - 1
+
+
+def mh_scan(
+    logits: tf.Tensor,
+    valid: tf.Tensor,
+    log_uniforms: tf.Tensor,
+    initial_log_score: tf.Tensor,
+    burn_in,
+    refresh_log_score_between_passes: bool = False,
+    out_of_batch_logits: tf.Tensor | None = None,
+) -> MHScanResult:
+    """Runs the two-pass in-batch MH scan of EMC² for every chain of a batch.
+
+    Args:
+        logits: float `[2, B, 2B]`, `β S[anchor, candidate]` with pass 0 using
+            view 1 of each image as anchor and pass 1 view 2. Only values are
+            used (no gradient flows through the sampler).
+        valid: bool `[B, 2B]` from `candidate_mask`.
+        log_uniforms: float `[2, 2B, B]`, `log U` per pass, step and chain.
+        initial_log_score: float `[B]`, the log score of each chain's state
+            before the step (`−inf` for an empty chain).
+        burn_in: int scalar `P`: the first `P` *valid* steps of each pass are
+            not recorded.
+        refresh_log_score_between_passes: exact-ratio variant: before pass 1
+            the current state's score is recomputed against the view-2
+            anchor (from `logits`, or `out_of_batch_logits[1]` while the chain
+            is still on its out-of-batch state).
+        out_of_batch_logits: float `[2, B]`, `β s(anchor_p, z_state)` for the
+            chain's out-of-batch state, required by the refresh.
+
+    Returns:
+        An `MHScanResult`.
+    """
+    logits = tf.stop_gradient(logits)
+    log_uniforms = tf.convert_to_tensor(log_uniforms, dtype=logits.dtype)
+    batch_size = tf.shape(valid)[0]
+    num_candidates = tf.shape(valid)[1]
+    steps = tf.range(num_candidates, dtype=tf.int32)
+    valid_by_step = tf.transpose(valid)  # [2B, B]
+
+    def mh_step(carry, elem):
+        state, log_score, _ = carry
+        candidate_logit, candidate_valid, log_u, position = elem
+        accept = candidate_valid & (log_u < candidate_logit - log_score)
+        state = tf.where(accept, position, state)
+        log_score = tf.where(accept, candidate_logit, log_score)
+        return state, log_score, accept
+
+    def run_pass(pass_id, state, log_score):
+        elems = (
+            tf.transpose(logits[pass_id]),
+            valid_by_step,
+            log_uniforms[pass_id],
+            steps,
+        )
+        init = (state, log_score, tf.zeros([batch_size], tf.bool))
+        states, log_scores, accepted = tf.scan(mh_step, elems, initializer=init)
+        return states, log_scores, accepted  # each [2B, B]
+
+    state0 = tf.fill([batch_size], tf.constant(OUT_OF_BATCH, tf.int32))
+    log_score0 = tf.cast(initial_log_score, logits.dtype)
+    states_a, scores_a, accepted_a = run_pass(0, state0, log_score0)
+
+    state1, log_score1 = states_a[-1], scores_a[-1]
+    if refresh_log_score_between_passes:
+        if out_of_batch_logits is None:
+            raise ValueError(
+                "mh_scan(refresh_log_score_between_passes=True) needs "
+                "out_of_batch_logits for chains still on an out-of-batch state."
+            )
+        in_batch = tf.gather(
+            logits[1], tf.maximum(state1, 0), axis=1, batch_dims=1
+        )
+        refreshed = tf.where(
+            state1 >= 0, in_batch, tf.cast(out_of_batch_logits[1], logits.dtype)
+        )
+        # An empty chain that accepted nothing stays empty (−inf).
+        log_score1 = tf.where(
+            (state1 < 0) & tf.math.is_inf(log_score1), log_score1, refreshed
+        )
+    states_b, scores_b, accepted_b = run_pass(1, state1, log_score1)
+
+    # Burn-in counts valid steps: step c of a pass is recorded iff it is
+    # valid and more than P valid steps have been taken up to and including c.
+    valid_count = tf.cumsum(tf.cast(valid, tf.int32), axis=1)  # [B, 2B]
+    recorded_one = valid & (valid_count > tf.cast(burn_in, tf.int32))
+    recorded = tf.stack([recorded_one, recorded_one])
+    states = tf.stack([tf.transpose(states_a), tf.transpose(states_b)])
+    accepted = tf.stack([tf.transpose(accepted_a), tf.transpose(accepted_b)])
+    return MHScanResult(
+        states=states,
+        recorded=recorded,
+        accepted=accepted,
+        valid=valid,
+        final_state=states_b[-1],
+        final_log_score=scores_b[-1],
+    )
+
+
+def emc2_negative_term(
+    extended_logits: tf.Tensor, states: tf.Tensor, recorded: tf.Tensor
+) -> tf.Tensor:
+    """Ergodic average `mean_k β s(a, z_k)` over each anchor's recorded states.
+
+    This is the negative term of the EMC² surrogate loss (algorithms.md §2,
+    step 5); its gradient, through both the anchor and the negatives, is the
+    EMC² estimate of `∇ log Σ_{z ∈ Neg(i)} exp(β s(a, z))`.
+
+    Args:
+        extended_logits: float `[..., A, K + 1]`, `β s(a, c)` for the K in-batch
+            candidates followed by one column for the anchor's out-of-batch
+            state. Carries the gradient.
+        states: int `[..., A, T]`, recorded candidate positions in `[0, K)` or
+            `OUT_OF_BATCH` (mapped to the last column).
+        recorded: bool `[..., A, T]`, which of the T steps count.
+
+    Returns:
+        float `[..., A]`: the weighted mean; 0 for an anchor with no recorded
+        step.
+    """
+    num_columns = tf.shape(extended_logits)[-1]
+    columns = tf.where(states >= 0, states, num_columns - 1)
+    batch_dims = len(states.shape) - 1
+    picked = tf.gather(extended_logits, columns, axis=-1, batch_dims=batch_dims)
+    weights = tf.cast(recorded, extended_logits.dtype)
+    count = tf.reduce_sum(weights, axis=-1)
+    return tf.math.divide_no_nan(tf.reduce_sum(picked * weights, axis=-1), count)
