@@ -110,7 +110,7 @@ class ContrastiveModel(keras.Model):
         context = tf.distribute.get_replica_context()
         replica_id = 0 if context is None else context.replica_id_in_sync_group
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
-        return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
+        return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32, alg="philox")
 
     def train_step(self, data):
         index, view1, view2 = unpack_two_view_batch(data)
