@@ -173,7 +173,7 @@ def load_tfds(
     try:
         splits = tfds.load(
             name, split=[train_split, test_split], data_dir=data_dir, download=False,
-            as_supervised=False, batch_size=-1,
+            as_supervised=False,
         )
     except Exception as error:  # tfds raises several types for a missing data set
         raise ValueError(
@@ -181,7 +181,15 @@ def load_tfds(
             f"without downloading ({type(error).__name__}: {error}). Prepare it "
             "elsewhere with `tfds build` and pass --data_dir."
         ) from None
-    (train, test) = [tfds.as_numpy(split) for split in splits]
+
+    def to_numpy(split):
+        parts = {image_key: [], label_key: []}
+        for batch in tfds.as_numpy(split.map(lambda x: {k: x[k] for k in parts}).batch(1024)):
+            for key in parts:
+                parts[key].append(batch[key])
+        return {key: np.concatenate(value) for key, value in parts.items()}
+
+    train, test = (to_numpy(split) for split in splits)
     return from_arrays(
         train[image_key], train[label_key], test[image_key], test[label_key], name=name
     )

@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   pre-train EMC² on digits, evaluate, export to savedmodels/
+#   make test   run the test suite (what CI runs)
+# Both create .venv and install requirements.txt on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m trainers.train --method=emc2 --dataset=digits
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Also the opt-in heavy / real-data checks (e.g. Fashion-MNIST idx files).
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests --run-heavy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,86 @@
+"""SavedModel export: TF Serving layout, the serving contract, atomic versions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import emc2_tf
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return emc2_tf.build_small_cnn_encoder((8, 8, 1))
+
+
+def _images(n=5, seed=0):
+    return np.random.default_rng(seed).random((n, 8, 8, 1)).astype(np.float32)
+
+
+def test_export_reloads_and_matches_keras(encoder, tmp_path):
+    path = emc2_tf.export_encoder(encoder, str(tmp_path), "digits_emc2")
+    assert path == os.path.join(str(tmp_path), "digits_emc2", "1")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(path, "variables"))
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    images = _images()
+    out = serve(images=tf.constant(images))
+    assert list(out) == ["embedding"]
+    expected = encoder(images, training=False).numpy()
+    assert np.max(np.abs(out["embedding"].numpy() - expected)) <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"].numpy(), axis=1), 1.0, atol=1e-5)
+
+
+def test_versions_increase_and_no_temporary_folder_is_left(encoder, tmp_path):
+    first = emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    second = emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["1", "2"]
+
+
+def test_export_killed_midway_leaves_no_version(encoder, tmp_path, monkeypatch):
+    """A crash while the SavedModel is being written leaves no version folder."""
+
+    def half_write(obj, export_dir, *args, **kwargs):
+        with open(os.path.join(export_dir, "saved_model.pb"), "wb") as handle:
+            handle.write(b"half")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(tf.saved_model, "save", half_write)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    assert os.listdir(tmp_path / "m") == []
+
+
+def test_saved_model_cli_lists_the_signature(encoder, tmp_path):
+    path = emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "inputs['images']" in shown.stdout and "outputs['embedding']" in shown.stdout
+    assert "shape: (-1, 8, 8, 1)" in shown.stdout and "DT_FLOAT" in shown.stdout
+
+
+def test_tf_serving_rest_contract(encoder, tmp_path):
+    """The README's {"instances": ...} request maps to {"predictions": ...} of unit vectors."""
+    path = emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    request = json.loads(json.dumps({"signature_name": "serving_default",
+                                     "instances": _images(2).tolist()}))
+    serve = tf.saved_model.load(path).signatures[request["signature_name"]]
+    predictions = serve(images=tf.constant(request["instances"], tf.float32))["embedding"].numpy()
+    response = json.loads(json.dumps({"predictions": predictions.tolist()}))
+    assert np.asarray(response["predictions"]).shape == (2, 64)
+    np.testing.assert_allclose(
+        response["predictions"], encoder(_images(2), training=False).numpy(), atol=1e-5
+    )
