@@ -22,11 +22,11 @@ demo: $(STAMP)
 	$(PY) -m trainers.train --method=emc2 --dataset=digits
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 # Also the opt-in heavy / real-data checks (e.g. Fashion-MNIST idx files).
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests --run-heavy
+	$(PY) -m pytest -q -rs tests --run-heavy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -111,3 +111,11 @@ def test_tfds_loader_with_mock_data():
 def test_tfds_missing_data_set_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="without downloading"):
         emc2_tf.load_tfds("cifar10", data_dir=str(tmp_path))
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

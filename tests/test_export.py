@@ -84,3 +84,11 @@ def test_tf_serving_rest_contract(encoder, tmp_path):
     np.testing.assert_allclose(
         response["predictions"], encoder(_images(2), training=False).numpy(), atol=1e-5
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

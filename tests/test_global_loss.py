@@ -35,3 +35,11 @@ def test_matches_float64_reference(n, tau):
     assert float(got64) == pytest.approx(expected, rel=1e-10)
     assert float(got32) == pytest.approx(expected, rel=1e-4)
     assert np.isfinite(float(got32))  # β = 100 does not overflow (log-sum-exp)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

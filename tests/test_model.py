@@ -157,3 +157,11 @@ class TestBadInput:
     def test_images_are_required(self):
         with pytest.raises(ValueError, match="EMC2Model needs `images`"):
             emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

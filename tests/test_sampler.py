@@ -167,3 +167,11 @@ def test_only_batch_chains_change_and_states_stay_valid():
         visited = index
         expected = (z[visited] * z[after_index[visited]]).sum(1) / 0.1
         np.testing.assert_allclose(after_score[visited], expected, rtol=1e-4, atol=1e-4)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

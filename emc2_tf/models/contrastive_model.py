@@ -139,6 +139,7 @@ class ContrastiveModel(keras.Model):
         """
         if isinstance(x, tf.data.Dataset):
             x = check_dataset(x, self.dataset_size)
+            kwargs.setdefault("shuffle", False)  # a dataset's order is its own
         try:
             return super().fit(x, *args, **kwargs)
         except tf.errors.InvalidArgumentError as error:

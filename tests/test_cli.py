@@ -1,0 +1,63 @@
+"""The command line and the README's Python example, run for real."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_train_cli_trains_evaluates_and_exports(tmp_path):
+    result = _run(["-m", "trainers.train", "--epochs=2", "--batch_size=32", "--eval_every=1",
+                   f"--export_dir={tmp_path / 'sm'}", f"--tensorboard_dir={tmp_path / 'tb'}",
+                   "--temperature=0.1"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    assert summary["knn_accuracy"] > 0.8 and summary["linear_probe_accuracy"] > 0.8
+    assert 0.0 < summary["acceptance_rate"] < 1.0
+    assert summary["export_path"] == str(tmp_path / "sm" / "emc2" / "1")
+    assert os.path.isfile(os.path.join(summary["export_path"], "saved_model.pb"))
+    assert "held-out 1-NN accuracy" in result.stdout
+    assert os.listdir(tmp_path / "tb" / "emc2")  # TensorBoard event files
+
+
+def test_cli_rejects_bad_flags_with_one_clear_line(tmp_path):
+    for flag, message in (("--temperature=0", "--temperature must be > 0"),
+                          ("--batch_size=1", "--batch_size must be ≥ 2"),
+                          ("--method=nope", "method"),
+                          ("--dataset=fashion_mnist", "apt-get install dataset-fashion-mnist")):
+        extra = [f"--data_dir={tmp_path}"] if "fashion" in flag else []
+        result = _run(["-m", "trainers.train", flag, *extra, "--epochs=1"], cwd=ROOT)
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_readme_python_example_runs(tmp_path):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    example = re.search(r"## Use it from Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "emc2_tf.EMC2Model(" in example and "model.fit(" in example
+    result = _run(["-c", example], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = re.search(r"'knn_accuracy': ([0-9.]+)", result.stdout)
+    assert accuracy and float(accuracy.group(1)) > 0.8
+    assert os.path.isdir(tmp_path / "savedmodels" / "my_encoder" / "1")
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
