@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +53,20 @@ def test_readme_python_example_runs(tmp_path):
     accuracy = re.search(r"'knn_accuracy': ([0-9.]+)", result.stdout)
     assert accuracy and float(accuracy.group(1)) > 0.8
     assert os.path.isdir(tmp_path / "savedmodels" / "my_encoder" / "1")
+
+
+
+@pytest.mark.heavy
+def test_train_cli_on_real_fashion_mnist(tmp_path):
+    """One epoch of EMC² on the 60k Fashion-MNIST images from Debian's package."""
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        pytest.fail("apt-get install dataset-fashion-mnist first")
+    result = _run(["-m", "trainers.train", "--dataset=fashion_mnist", "--epochs=1",
+                   "--batch_size=256", "--eval_every=0", f"--export_dir={tmp_path}",
+                   "--tensorboard_dir="], cwd=ROOT, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    assert summary["knn_accuracy"] > 0.7, summary  # 10 classes: chance is 0.1
 
 
 if __name__ == "__main__":
