@@ -24,8 +24,21 @@ from emc2_tf.evaluation import (
     linear_probe_accuracy,
 )
 from emc2_tf.export import export_encoder
-from emc2_tf.losses import exact_global_contrastive_loss, global_contrastive_loss
-from emc2_tf.models import METHODS, ContrastiveModel, EMC2Model, build_model
+from emc2_tf.losses import (
+    dcl_loss,
+    dhel_loss,
+    exact_global_contrastive_loss,
+    global_contrastive_loss,
+    kcl_loss,
+    nt_xent_loss,
+)
+from emc2_tf.models import (
+    METHODS,
+    ContrastiveModel,
+    EMC2Model,
+    InBatchContrastiveModel,
+    build_model,
+)
 from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan
 
 __version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""KCL, the kernel contrastive loss (Koromilas et al. ICML 2024; algorithms.md §7).
+
+    L = −(1/M) Σ_i K(u_i, v_i) + γ · 1/(M(M−1)) Σ_{i≠j} K(z_i, z_j)
+
+with the Gaussian kernel `K(x, y) = exp(−t ‖x − y‖²)` (authors' defaults
+t = 2, γ = 16); the energy term is taken within each view and summed over the
+two views. The expected loss does not depend on the batch size. KCL has no
+temperature.
+"""
+
+import tensorflow as tf
+
+from emc2_tf.losses._common import check_views
+
+
+def gaussian_kernel(x: tf.Tensor, y: tf.Tensor, t: float) -> tf.Tensor:
+    """`exp(−t ‖x_i − y_j‖²)` for every pair, `[M, M]`."""
+    squared = (
+        tf.reduce_sum(x * x, axis=-1)[:, None]
+        + tf.reduce_sum(y * y, axis=-1)[None, :]
+        - 2.0 * tf.matmul(x, y, transpose_b=True)
+    )
+    return tf.exp(-t * tf.maximum(squared, 0.0))
+
+
+def kcl_loss(
+    view1: tf.Tensor, view2: tf.Tensor, t: float = 2.0, gamma: float = 16.0
+) -> tf.Tensor:
+    """KCL (Gaussian kernel) over the batch; `view1`, `view2`: `[M, D]` embeddings."""
+    view1, view2 = check_views(view1, view2)
+    m = tf.shape(view1)[0]
+    alignment = tf.reduce_mean(tf.exp(-t * tf.reduce_sum(tf.square(view1 - view2), axis=-1)))
+    off_diagonal = 1.0 - tf.eye(m, dtype=view1.dtype)
+    pairs = tf.cast(m * (m - 1), view1.dtype)
+    energy = sum(
+        tf.reduce_sum(gaussian_kernel(view, view, t) * off_diagonal) / pairs
+        for view in (view1, view2)
+    )
+    return -alignment + gamma * energy

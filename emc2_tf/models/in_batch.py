@@ -1,0 +1,49 @@
+"""Models for objectives computed within the batch (SimCLR, DCL, DHEL, KCL).
+
+These objectives need no per-sample state: `contrastive_loss` splits the 2B
+embeddings into the two views and calls the loss function, one module per
+objective under `emc2_tf.losses`. The registry binds each method name to its
+loss (`emc2_tf.models.METHODS`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from emc2_tf.models.contrastive_model import ContrastiveModel
+
+
+class InBatchContrastiveModel(ContrastiveModel):
+    """A contrastive model whose loss is a function of the batch's two views.
+
+    Args:
+        encoder, dataset_size, temperature, seed: as `ContrastiveModel`.
+        loss_fn: `loss_fn(view1, view2, [temperature=τ,] **loss_kwargs) -> scalar`.
+        loss_kwargs: the objective's own hyperparameters (e.g. KCL's `t`, `gamma`).
+    """
+
+    def __init__(
+        self,
+        encoder: keras.Model,
+        dataset_size: int,
+        loss_fn: Callable[..., tf.Tensor],
+        temperature: float = 0.1,
+        loss_kwargs: dict[str, Any] | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
+        self.loss_fn = loss_fn
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.uses_temperature = "temperature" in inspect.signature(loss_fn).parameters
+
+    def contrastive_loss(self, index, embeddings, training=True):
+        batch_size = tf.shape(index)[0]
+        options = dict(self.loss_kwargs)
+        if self.uses_temperature:
+            options["temperature"] = self.temperature
+        return self.loss_fn(embeddings[:batch_size], embeddings[batch_size:], **options), {}
