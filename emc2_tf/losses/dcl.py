@@ -10,16 +10,11 @@ the same-view and cross-view negatives together. Mean over the 2B views.
 
 import tensorflow as tf
 
-from emc2_tf.losses._common import check_views, masked_logsumexp
+from emc2_tf.losses._common import masked_logsumexp, two_view_logits
 
 
 def dcl_loss(view1: tf.Tensor, view2: tf.Tensor, temperature: float = 0.1) -> tf.Tensor:
     """DCL over the batch; `view1`, `view2`: `[B, D]` L2-normalised embeddings."""
-    view1, view2 = check_views(view1, view2)
-    beta = tf.cast(1.0 / temperature, view1.dtype)
-    z = tf.concat([view1, view2], axis=0)
-    image = tf.tile(tf.range(tf.shape(view1)[0]), [2])
-    logits = beta * tf.matmul(z, z, transpose_b=True)
+    logits, positive, image = two_view_logits(view1, view2, temperature)
     other_image = tf.not_equal(image[:, None], image[None, :])
-    positive = beta * tf.reduce_sum(z * tf.concat([view2, view1], axis=0), axis=-1)
     return tf.reduce_mean(masked_logsumexp(logits, other_image) - positive)
