@@ -1,7 +1,15 @@
 """Small fixtures shared by the tests: fixed-embedding "images" and a frozen encoder."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fixed_embeddings(num_images: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -28,3 +36,15 @@ def exact_softmax(embeddings: np.ndarray, anchor: int, temperature: float) -> np
     logits[anchor] = -np.inf
     p = np.exp(logits - logits.max())
     return p / p.sum()
+
+
+def run_python(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    """Runs `python ARGS` with the checkout importable; output captured as text."""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def parse_summary(stdout: str) -> dict:
+    """The JSON of the `summary: {...}` line `trainers.train` prints last."""
+    return json.loads(re.search(r"^summary: (.*)$", stdout, re.M).group(1))

@@ -1,28 +1,19 @@
 """The command line and the README's Python example, run for real."""
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, cwd, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+from helpers import ROOT, parse_summary, run_python
 
 
 def test_train_cli_trains_evaluates_and_exports(tmp_path):
-    result = _run(["-m", "trainers.train", "--epochs=2", "--batch_size=32", "--eval_every=1",
+    result = run_python(["-m", "trainers.train", "--epochs=2", "--batch_size=32", "--eval_every=1",
                    f"--export_dir={tmp_path / 'sm'}", f"--tensorboard_dir={tmp_path / 'tb'}",
                    "--temperature=0.1"], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    summary = parse_summary(result.stdout)
     assert summary["knn_accuracy"] > 0.8 and summary["linear_probe_accuracy"] > 0.8
     assert 0.0 < summary["acceptance_rate"] < 1.0
     assert summary["export_path"] == str(tmp_path / "sm" / "emc2" / "1")
@@ -37,7 +28,7 @@ def test_cli_rejects_bad_flags_with_one_clear_line(tmp_path):
                           ("--method=nope", "method"),
                           ("--dataset=fashion_mnist", "apt-get install dataset-fashion-mnist")):
         extra = [f"--data_dir={tmp_path}"] if "fashion" in flag else []
-        result = _run(["-m", "trainers.train", flag, *extra, "--epochs=1"], cwd=ROOT)
+        result = run_python(["-m", "trainers.train", flag, *extra, "--epochs=1"], cwd=ROOT)
         assert result.returncode != 0
         assert message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
@@ -48,7 +39,7 @@ def test_readme_python_example_runs(tmp_path):
         readme = handle.read()
     example = re.search(r"## Use it from Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert "emc2_tf.EMC2Model(" in example and "model.fit(" in example
-    result = _run(["-c", example], cwd=tmp_path)
+    result = run_python(["-c", example], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = re.search(r"'knn_accuracy': ([0-9.]+)", result.stdout)
     assert accuracy and float(accuracy.group(1)) > 0.8
@@ -61,11 +52,11 @@ def test_train_cli_on_real_fashion_mnist(tmp_path):
     """One epoch of EMC² on the 60k Fashion-MNIST images from Debian's package."""
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.fail("apt-get install dataset-fashion-mnist first")
-    result = _run(["-m", "trainers.train", "--dataset=fashion_mnist", "--epochs=1",
+    result = run_python(["-m", "trainers.train", "--dataset=fashion_mnist", "--epochs=1",
                    "--batch_size=256", "--eval_every=0", f"--export_dir={tmp_path}",
                    "--tensorboard_dir="], cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    summary = parse_summary(result.stdout)
     assert summary["knn_accuracy"] > 0.7, summary  # 10 classes: chance is 0.1
 
 

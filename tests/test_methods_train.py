@@ -1,9 +1,5 @@
 """Every registered in-batch method trains on digits through model.fit and the CLI."""
 
-import json
-import os
-import re
-import subprocess
 import sys
 
 import keras
@@ -13,8 +9,9 @@ import tensorflow as tf
 
 import emc2_tf
 
+from helpers import parse_summary, run_python
+
 IN_BATCH = ["simclr", "dcl", "dhel", "kcl"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +53,11 @@ def test_fit_two_epochs_lowers_the_methods_full_data_loss(method, digits, fixed_
 
 @pytest.mark.parametrize("method", IN_BATCH)
 def test_cli_trains_each_method(method, tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers.train", f"--method={method}", "--epochs=2",
-         "--temperature=0.2", "--eval_every=0", f"--export_dir={tmp_path}", "--tensorboard_dir="],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_python(
+        ["-m", "trainers.train", f"--method={method}", "--epochs=2", "--temperature=0.2",
+         "--eval_every=0", f"--export_dir={tmp_path}", "--tensorboard_dir="])
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    summary = parse_summary(result.stdout)
     assert np.isfinite(summary["final_loss"]) and summary["knn_accuracy"] > 0.5
     assert summary["export_path"] == str(tmp_path / method / "1")
 
