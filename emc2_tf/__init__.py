@@ -3,6 +3,12 @@
 Everything a user needs is re-exported here; see README.md for examples.
 """
 
+from emc2_tf.batch_selection import (
+    BATCH_SELECTIONS,
+    SpectralBatchSelection,
+    spectral_affinity,
+    spectral_batches,
+)
 from emc2_tf.data import (
     DEFAULT_FASHION_MNIST_DIR,
     AugmentConfig,
@@ -31,12 +37,16 @@ from emc2_tf.losses import (
     global_contrastive_loss,
     kcl_loss,
     nt_xent_loss,
+    sogclr_batch_estimate,
+    sogclr_moving_average,
+    sogclr_surrogate_loss,
 )
 from emc2_tf.models import (
     METHODS,
     ContrastiveModel,
     EMC2Model,
     InBatchContrastiveModel,
+    SogCLRModel,
     build_model,
 )
 from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan

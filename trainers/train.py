@@ -19,7 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from emc2_tf.models import METHODS  # noqa: E402  (light: no data loaded)
+from emc2_tf.batch_selection import BATCH_SELECTIONS  # noqa: E402
+from emc2_tf.models import METHODS, method_options  # noqa: E402  (light: no data loaded)
 
 FLAGS = flags.FLAGS
 
@@ -36,13 +37,23 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("epochs", 30, "Training epochs.")
 flags.DEFINE_integer("batch_size", 64, "Images per batch B (2B views).")
-flags.DEFINE_float("temperature", 0.07, "Temperature τ > 0 (β = 1/τ; paper: 0.07).")
+flags.DEFINE_float(
+    "temperature", None,
+    "Temperature τ > 0 (β = 1/τ); default: the method's own (emc2 0.07, sogclr 0.1, "
+    "simclr 0.1, dcl 0.1, dhel 0.3; kcl has none and uses it only for the global-loss monitor, 0.1).",
+)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("seed", 0, "Seed of weights, data order, augmentations and MH draws.")
 flags.DEFINE_enum("encoder", "auto", ["auto", "small_cnn", "resnet18"],
                   "Encoder; auto = small_cnn up to 28 px, resnet18 above.")
-flags.DEFINE_integer("burn_in", -1, "EMC² burn-in steps per pass; -1 = B − 1 (paper).")
-flags.DEFINE_bool("exact_ratio", False, "EMC²: refresh the current state's score before each pass.")
+flags.DEFINE_integer("burn_in", -1, "emc2 only: MH burn-in steps per pass; -1 = B − 1 (paper).")
+flags.DEFINE_bool("exact_ratio", False, "emc2 only: refresh the current state's score before each pass.")
+flags.DEFINE_float("gamma", 0.9, "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).")
+flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
+                  "random: uniform shuffling; spectral: spectral-clustering batches (Cho et al.), "
+                  "any method.")
+flags.DEFINE_integer("spectral_every", 1, "spectral only: re-select the batches every k epochs.")
+flags.DEFINE_integer("spectral_groups", 40, "spectral only: batches per clustered group (authors: 40).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("eval_every", 10, "Log held-out 1-NN accuracy every N epochs (0 = off).")
 flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).")
@@ -50,7 +61,11 @@ flags.DEFINE_string("model_name", None, "Exported model's name; default = --meth
 flags.DEFINE_string("tensorboard_dir", "runs", "TensorBoard logs go to <tensorboard_dir>/<model_name>; empty = off.")
 flags.DEFINE_bool("export", True, "Export the trained encoder.")
 
-flags.register_validator("temperature", lambda v: v > 0, "--temperature must be > 0 (e.g. 0.07).")
+flags.register_validator("temperature", lambda v: v is None or v > 0,
+                         "--temperature must be > 0 (e.g. 0.07).")
+flags.register_validator("gamma", lambda v: 0 < v <= 1, "--gamma must be in (0, 1] (e.g. 0.9).")
+flags.register_validator("spectral_every", lambda v: v >= 1, "--spectral_every must be ≥ 1.")
+flags.register_validator("spectral_groups", lambda v: v >= 1, "--spectral_groups must be ≥ 1.")
 flags.register_validator("batch_size", lambda v: v >= 2, "--batch_size must be ≥ 2.")
 flags.register_validator("epochs", lambda v: v >= 1, "--epochs must be ≥ 1.")
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0.")
@@ -64,8 +79,41 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+#: Flags that configure one method's constructor option: flag → (option, value).
+METHOD_FLAGS = {
+    "burn_in": ("burn_in", lambda v: None if v < 0 else v),
+    "exact_ratio": ("exact_ratio", bool),
+    "gamma": ("gamma", float),
+}
+
+
+def check_method_flags(method: str) -> None:
+    """Refuses a method-specific flag given for a method that has no such option."""
+    accepted = method_options(method)
+    for flag, (option, _) in METHOD_FLAGS.items():
+        if FLAGS[flag].present and option not in accepted:
+            users = sorted(m for m in METHODS if option in method_options(m))
+            fail(f"--{flag} is not an option of --method={method}; it applies to "
+                 f"--method={'|'.join(users)}.")
+
+
+def method_arguments(method: str, data) -> dict:
+    """The constructor options `method` declares, filled from the flags and data."""
+    accepted = method_options(method)
+    arguments = {"seed": FLAGS.seed}
+    if "images" in accepted:
+        arguments["images"] = data.train_images
+    if FLAGS.temperature is not None:
+        arguments["temperature"] = FLAGS.temperature
+    for flag, (option, convert) in METHOD_FLAGS.items():
+        if option in accepted:
+            arguments[option] = convert(FLAGS[flag].value)
+    return arguments
+
+
 def run() -> dict:
     import keras
+    import numpy as np
 
     import emc2_tf
 
@@ -83,34 +131,51 @@ def run() -> dict:
         encoder_name = "small_cnn" if max(data.image_shape[:2]) <= 28 else "resnet18"
     encoder = emc2_tf.build_encoder(encoder_name, data.image_shape)
 
-    options = {}
-    if FLAGS.method == "emc2":
-        options = dict(
-            images=data.train_images,
-            burn_in=None if FLAGS.burn_in < 0 else FLAGS.burn_in,
-            exact_ratio=FLAGS.exact_ratio,
-        )
     try:
         model = emc2_tf.build_model(
             FLAGS.method, encoder=encoder, dataset_size=data.num_train,
-            temperature=FLAGS.temperature, seed=FLAGS.seed, **options,
+            **method_arguments(FLAGS.method, data),
         )
     except ValueError as error:
         fail(str(error))
+    temperature = model.temperature
     model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
                   jit_compile=FLAGS.jit_compile)
-    dataset = emc2_tf.make_two_view_dataset(
-        data.train_images, FLAGS.batch_size,
-        emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset), seed=FLAGS.seed,
+    augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
+    epoch_seconds = []
+    # First in the list: an epoch's time includes the batch selection, not the evaluation.
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.time()),
+        on_epoch_end=lambda epoch, logs: epoch_seconds.__setitem__(
+            -1, epoch_seconds[-1] + time.time()),
     )
-    callbacks = []
+    callbacks, batch_order = [timer], None
+    if FLAGS.batch_selection == "spectral":
+        try:
+            batch_order = emc2_tf.SpectralBatchSelection(
+                data.train_images, FLAGS.batch_size, temperature=temperature,
+                every_k_epochs=FLAGS.spectral_every, groups_k=FLAGS.spectral_groups,
+                augment=augment, seed=FLAGS.seed,
+            )
+        except ValueError as error:
+            fail(f"--batch_selection=spectral: {error}")
+        callbacks.append(batch_order)
+    dataset = emc2_tf.make_two_view_dataset(
+        data.train_images, FLAGS.batch_size, augment, seed=FLAGS.seed, batch_order=batch_order,
+    )
     if FLAGS.eval_every:
         callbacks.append(emc2_tf.KNNAccuracyCallback(encoder, data, FLAGS.eval_every))
     if FLAGS.tensorboard_dir:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(FLAGS.tensorboard_dir, model_name)))
 
+    monitor_global_loss = data.num_train <= 20000  # the exact loss is O(N²)
+    initial_global_loss = None
+    if monitor_global_loss:
+        initial_global_loss = emc2_tf.exact_global_contrastive_loss(
+            encoder, data.train_images, temperature)
     print(f"Pre-training {encoder_name} with {FLAGS.method} on {data.name}: "
-          f"N={data.num_train}, B={FLAGS.batch_size}, τ={FLAGS.temperature}, "
+          f"N={data.num_train}, B={FLAGS.batch_size}, τ={temperature}, "
+          f"{FLAGS.batch_selection} batches, "
           f"{FLAGS.epochs} epochs")
     train_started = time.time()
     # A live progress bar on a terminal; one line per epoch in a log file.
@@ -124,17 +189,21 @@ def run() -> dict:
         "dataset": data.name,
         "epochs": FLAGS.epochs,
         "batch_size": FLAGS.batch_size,
-        "temperature": FLAGS.temperature,
+        "temperature": temperature,
+        "batch_selection": FLAGS.batch_selection,
         "knn_accuracy": results["knn_accuracy"],
         "linear_probe_accuracy": results["linear_probe_accuracy"],
         "train_seconds": train_seconds,
+        # Median over epochs after the first (which includes tracing the step).
+        "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds)),
         "final_loss": history.history["loss"][-1],
     }
     if "acceptance_rate" in history.history:
         summary["acceptance_rate"] = history.history["acceptance_rate"][-1]
-    if data.num_train <= 20000:
+    if monitor_global_loss:
+        summary["initial_global_contrastive_loss"] = initial_global_loss
         summary["global_contrastive_loss"] = emc2_tf.exact_global_contrastive_loss(
-            encoder, data.train_images, FLAGS.temperature
+            encoder, data.train_images, temperature
         )
     if FLAGS.export:
         summary["export_path"] = emc2_tf.export_encoder(encoder, FLAGS.export_dir, model_name)
@@ -145,8 +214,10 @@ def run() -> dict:
     if "acceptance_rate" in summary:
         print(f"MH acceptance rate (last epoch): {summary['acceptance_rate']:.4f}")
     if "global_contrastive_loss" in summary:
-        print(f"exact global contrastive loss:  {summary['global_contrastive_loss']:.4f}")
-    print(f"training time: {train_seconds:.1f} s")
+        print(f"exact global contrastive loss:  {initial_global_loss:.4f} before training, "
+              f"{summary['global_contrastive_loss']:.4f} after")
+    print(f"training time: {train_seconds:.1f} s "
+          f"({summary['seconds_per_epoch']:.2f} s per epoch, median)")
     if FLAGS.export:
         print(f"exported encoder: {summary['export_path']}")
     print("summary: " + json.dumps(summary, sort_keys=True))
@@ -157,6 +228,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
     logging.set_verbosity(logging.WARNING)
+    check_method_flags(FLAGS.method)
     run()
 
 

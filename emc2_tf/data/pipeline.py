@@ -11,10 +11,29 @@ relies on.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+
+
+def _ordered_indices(batch_order: Any, batch_size: int) -> tf.data.Dataset:
+    """Index batches drawn from `batch_order.epoch_batches()` on every iteration."""
+    if getattr(batch_order, "batch_size", None) != batch_size:
+        raise ValueError(
+            f"batch_order has batch_size={getattr(batch_order, 'batch_size', None)!r} but the "
+            f"dataset was asked for batch_size={batch_size}; they must match."
+        )
+
+    def generate():
+        yield from np.asarray(batch_order.epoch_batches(), np.int64)
+
+    indices = tf.data.Dataset.from_generator(
+        generate, output_signature=tf.TensorSpec([batch_size], tf.int64)
+    )
+    return indices.apply(tf.data.experimental.assert_cardinality(batch_order.num_batches))
 
 
 def make_two_view_dataset(
@@ -24,6 +43,7 @@ def make_two_view_dataset(
     seed: int = 0,
     shuffle: bool = True,
     drop_remainder: bool = True,
+    batch_order: Any = None,
 ) -> tf.data.Dataset:
     """Batches of `{'index', 'view1', 'view2'}` over an in-memory image array.
 
@@ -34,9 +54,17 @@ def make_two_view_dataset(
         augment: augmentation strengths, or None for identical, un-augmented
             views (for tests with a frozen encoder).
         seed: seeds the shuffle and the augmentations; re-iterating the
-            dataset (the next epoch) draws a new order and new views.
+            dataset (the next epoch) draws a new order and new views. As
+            everywhere in tf.data, the global seed (`keras.utils.set_random_seed`,
+            which the trainer calls first) also enters these draws.
         shuffle: shuffle every epoch.
         drop_remainder: drop the last partial batch (keeps shapes static).
+        batch_order: None for uniform shuffling, or an object choosing each
+            epoch's batches (e.g. `emc2_tf.SpectralBatchSelection`): it has
+            `batch_size`, `num_batches` and `epoch_batches()`, called once per
+            iteration of the dataset (once per epoch), returning
+            `[num_batches, B]` sample indices. `shuffle` and
+            `drop_remainder` are then the order's business.
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -49,10 +77,13 @@ def make_two_view_dataset(
             f"batch_size={batch_size} is larger than the data set ({num_images} images)."
         )
     table = tf.constant(images, dtype=tf.float32)
-    indices = tf.data.Dataset.range(num_images)
-    if shuffle:
-        indices = indices.shuffle(num_images, seed=seed, reshuffle_each_iteration=True)
-    indices = indices.batch(batch_size, drop_remainder=drop_remainder)
+    if batch_order is not None:
+        indices = _ordered_indices(batch_order, batch_size)
+    else:
+        indices = tf.data.Dataset.range(num_images)
+        if shuffle:
+            indices = indices.shuffle(num_images, seed=seed, reshuffle_each_iteration=True)
+        indices = indices.batch(batch_size, drop_remainder=drop_remainder)
     augmenter = None if augment is None else SimCLRAugment(augment)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(4)
 

@@ -26,7 +26,7 @@ def two_view_logits(
         logits `[2B, 2B]`, positive `[2B]`, image `[2B]` (int32 image position).
     """
     view1, view2 = check_views(view1, view2)
-    beta = tf.cast(1.0 / temperature, view1.dtype)
+    beta = tf.convert_to_tensor(1.0 / temperature, dtype=view1.dtype)
     z = tf.concat([view1, view2], axis=0)
     logits = beta * tf.matmul(z, z, transpose_b=True)
     positive = beta * tf.reduce_sum(z * tf.concat([view2, view1], axis=0), axis=-1)

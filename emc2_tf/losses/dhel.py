@@ -18,7 +18,7 @@ def dhel_loss(
 ) -> tf.Tensor:
     """DHEL over the batch; `view1`, `view2`: `[M, D]` L2-normalised embeddings."""
     view1, view2 = check_views(view1, view2)
-    beta = tf.cast(1.0 / temperature, view1.dtype)
+    beta = tf.convert_to_tensor(1.0 / temperature, dtype=view1.dtype)
     not_self = ~tf.eye(tf.shape(view1)[0], dtype=tf.bool)
     loss = -beta * tf.reduce_sum(view1 * view2, axis=-1)
     loss += masked_logsumexp(beta * tf.matmul(view1, view1, transpose_b=True), not_self)

@@ -33,7 +33,7 @@ def global_contrastive_loss(
     """
     view1 = tf.convert_to_tensor(view1)
     view2 = tf.convert_to_tensor(view2, dtype=view1.dtype)
-    beta = tf.cast(1.0 / temperature, view1.dtype)
+    beta = tf.convert_to_tensor(1.0 / temperature, dtype=view1.dtype)
     num_images = tf.shape(view1)[0]
     candidates = tf.concat([view1, view2], axis=0)  # [2N, D]
     candidate_image = tf.concat([tf.range(num_images), tf.range(num_images)], axis=0)

@@ -7,6 +7,7 @@ function for `InBatchContrastiveModel`) + one line in `METHODS`.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 from emc2_tf.losses.dcl import dcl_loss
@@ -16,6 +17,7 @@ from emc2_tf.losses.nt_xent import nt_xent_loss
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.models.emc2 import EMC2Model
 from emc2_tf.models.in_batch import InBatchContrastiveModel
+from emc2_tf.models.sogclr import SogCLRModel
 
 
 def _in_batch(loss_fn) -> Callable[..., ContrastiveModel]:
@@ -25,6 +27,7 @@ def _in_batch(loss_fn) -> Callable[..., ContrastiveModel]:
 #: method name → model factory; every factory takes (encoder, dataset_size, ...).
 METHODS: dict[str, Callable[..., ContrastiveModel]] = {
     "emc2": EMC2Model,
+    "sogclr": SogCLRModel,
     "simclr": _in_batch(nt_xent_loss),
     "dcl": _in_batch(dcl_loss),
     "dhel": _in_batch(dhel_loss),
@@ -32,8 +35,39 @@ METHODS: dict[str, Callable[..., ContrastiveModel]] = {
 }
 
 
-def build_model(method: str, **kwargs: Any) -> ContrastiveModel:
-    """Builds the contrastive model registered under `method`."""
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; accepted: {', '.join(sorted(METHODS))}.")
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The constructor options `method` takes besides encoder and dataset_size.
+
+    Returns `{name: default}`, e.g. `{'images': None, 'temperature': 0.07,
+    'burn_in': None, ...}` for EMC²; `inspect.Parameter.empty` marks an
+    option without a default. Front ends (the CLI) use it to pass each method
+    only the options it declares, and to show its defaults.
+    """
+    _check_method(method)
+    factory = METHODS[method]
+    parameters = inspect.signature(factory).parameters
+    options = {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if name not in ("encoder", "dataset_size", "loss_fn", "kwargs", "loss_kwargs")
+        and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    if options.get("temperature") is None and isinstance(factory, functools.partial):
+        loss_fn = factory.keywords.get("loss_fn")
+        loss_parameters = inspect.signature(loss_fn).parameters
+        if "temperature" in loss_parameters:
+            options["temperature"] = loss_parameters["temperature"].default
+        else:
+            del options["temperature"]  # the objective has no temperature (KCL)
+    return options
+
+
+def build_model(method: str, **kwargs: Any) -> ContrastiveModel:
+    """Builds the contrastive model registered under `method`."""
+    _check_method(method)
     return METHODS[method](**kwargs)

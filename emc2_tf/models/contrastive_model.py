@@ -9,7 +9,7 @@ optimizer, and log the unscaled loss plus the method's own scalars.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -111,6 +111,36 @@ class ContrastiveModel(keras.Model):
         replica_id = 0 if context is None else context.replica_id_in_sync_group
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
         return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32, alg="philox")
+
+    def update_sample_state(
+        self, index: tf.Tensor, updates: Sequence[tuple[Any, tf.Tensor]]
+    ) -> None:
+        """Writes per-sample state rows `index`; identical on every replica.
+
+        Args:
+            index: int32 `[B]` this replica's sample indices.
+            updates: `(variable, values)` pairs, each variable `[N, ...]`
+                and its values `[B, ...]` (pairs, not a dict: Keras variables
+                overload `==` and are not hashable keys).
+
+        Under a strategy the indices and values of all replicas are gathered
+        first and every replica applies the same update (shared notes,
+        Distribution), so the tables never diverge and hold every replica's
+        anchors.
+        """
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            index = context.all_gather(index, axis=0)
+            updates = [
+                (variable, context.all_gather(values, axis=0)) for variable, values in updates
+            ]
+        rows = index[:, None]
+        for variable, values in updates:
+            variable.assign(
+                tf.tensor_scatter_nd_update(
+                    variable.value, rows, tf.cast(values, variable.dtype)
+                )
+            )
 
     def train_step(self, data):
         index, view1, view2 = unpack_two_view_batch(data)

@@ -183,28 +183,8 @@ class EMC2Model(ContrastiveModel):
         """The un-augmented image table the chains' negatives are read from."""
         return self._image_table.images
 
-    def _write_back(self, index: tf.Tensor, new_index: tf.Tensor, new_log_score: tf.Tensor):
-        """Writes the batch's chain states; identical on every replica.
-
-        Under a strategy the indices and values of all replicas are gathered
-        first and every replica applies the same update (shared notes,
-        Distribution), so the tables never diverge.
-        """
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            index = context.all_gather(index, axis=0)
-            new_index = context.all_gather(new_index, axis=0)
-            new_log_score = context.all_gather(new_log_score, axis=0)
-        rows = index[:, None]
-        self.chain_index.assign(
-            tf.tensor_scatter_nd_update(self.chain_index.value, rows, new_index)
-        )
-        self.chain_log_score.assign(
-            tf.tensor_scatter_nd_update(self.chain_log_score.value, rows, new_log_score)
-        )
-
     def contrastive_loss(self, index, embeddings, training=True):
-        beta = tf.cast(self.inverse_temperature, embeddings.dtype)
+        beta = tf.convert_to_tensor(self.inverse_temperature, dtype=embeddings.dtype)
         batch_size = tf.shape(index)[0]
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
 
@@ -258,7 +238,9 @@ class EMC2Model(ContrastiveModel):
         new_index = tf.where(
             final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)), old_index
         )
-        self._write_back(index, new_index, tf.cast(scan.final_log_score, tf.float32))
+        self.update_sample_state(
+            index, [(self.chain_index, new_index), (self.chain_log_score, scan.final_log_score)]
+        )
 
         valid_steps = 2.0 * tf.reduce_sum(tf.cast(scan.valid, tf.float32))
         acceptance_rate = tf.math.divide_no_nan(

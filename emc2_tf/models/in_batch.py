@@ -21,7 +21,10 @@ class InBatchContrastiveModel(ContrastiveModel):
     """A contrastive model whose loss is a function of the batch's two views.
 
     Args:
-        encoder, dataset_size, temperature, seed: as `ContrastiveModel`.
+        encoder, dataset_size, seed: as `ContrastiveModel`.
+        temperature: τ; None = the loss function's own default (DHEL 0.3,
+            SimCLR and DCL 0.1). KCL has no temperature: τ then only serves
+            the global-loss monitor.
         loss_fn: `loss_fn(view1, view2, [temperature=τ,] **loss_kwargs) -> scalar`.
         loss_kwargs: the objective's own hyperparameters (e.g. KCL's `t`, `gamma`).
     """
@@ -31,15 +34,19 @@ class InBatchContrastiveModel(ContrastiveModel):
         encoder: keras.Model,
         dataset_size: int,
         loss_fn: Callable[..., tf.Tensor],
-        temperature: float = 0.1,
+        temperature: float | None = None,
         loss_kwargs: dict[str, Any] | None = None,
         seed: int | None = None,
         **kwargs: Any,
     ):
+        parameters = inspect.signature(loss_fn).parameters
+        self.uses_temperature = "temperature" in parameters
+        if temperature is None:
+            default = parameters["temperature"].default if self.uses_temperature else None
+            temperature = 0.1 if default in (None, inspect.Parameter.empty) else default
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
         self.loss_fn = loss_fn
         self.loss_kwargs = dict(loss_kwargs or {})
-        self.uses_temperature = "temperature" in inspect.signature(loss_fn).parameters
 
     def contrastive_loss(self, index, embeddings, training=True):
         batch_size = tf.shape(index)[0]
