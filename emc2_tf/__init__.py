@@ -21,6 +21,12 @@ from emc2_tf.data import (
     load_tfds,
     make_two_view_dataset,
 )
+from emc2_tf.distribute import (
+    STRATEGIES,
+    is_chief,
+    make_strategy,
+    split_cpu,
+)
 from emc2_tf.encoders import build_encoder, build_resnet18_encoder, build_small_cnn_encoder
 from emc2_tf.evaluation import (
     KNNAccuracyCallback,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from emc2_tf.encoders import BACKBONE_NAME
 
@@ -24,7 +25,15 @@ def embed(
         model = encoder
     else:
         raise ValueError(f"features must be 'backbone' or 'embedding'; got {features!r}.")
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), np.float32)
+    # A compiled call per chunk rather than `predict`: it works the same with
+    # or without a distribution strategy (Keras' predict under
+    # MultiWorkerMirroredStrategy would shard and re-gather the images).
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    chunks = [
+        forward(tf.constant(images[start : start + batch_size], tf.float32)).numpy()
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks).astype(np.float32)
 
 
 def knn_accuracy(

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from emc2_tf.batch_selection import BATCH_SELECTIONS  # noqa: E402
+from emc2_tf.distribute import STRATEGIES  # noqa: E402
 from emc2_tf.models import METHODS, method_options  # noqa: E402  (light: no data loaded)
 
 FLAGS = flags.FLAGS
@@ -55,6 +56,16 @@ flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
 flags.DEFINE_integer("spectral_every", 1, "spectral only: re-select the batches every k epochs.")
 flags.DEFINE_integer("spectral_groups", 40, "spectral only: batches per clustered group (authors: 40).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
+                  "default: one device; mirrored: every local GPU (or --cpu_devices logical "
+                  "CPUs); multi_worker: MultiWorkerMirroredStrategy over TF_CONFIG's workers. "
+                  "--batch_size is the global batch, split over the replicas.")
+flags.DEFINE_integer("cpu_devices", 0,
+                     "Split the CPU into this many logical devices (0 = no split): runs "
+                     "--strategy=mirrored with several replicas on a machine without GPUs.")
+flags.DEFINE_float("worker_timeout", 120.0,
+                   "multi_worker: seconds to wait for the other workers, and the timeout of "
+                   "each collective operation.")
 flags.DEFINE_integer("eval_every", 10, "Log held-out 1-NN accuracy every N epochs (0 = off).")
 flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).")
 flags.DEFINE_string("model_name", None, "Exported model's name; default = --method.")
@@ -70,6 +81,8 @@ flags.register_validator("batch_size", lambda v: v >= 2, "--batch_size must be �
 flags.register_validator("epochs", lambda v: v >= 1, "--epochs must be ≥ 1.")
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0.")
 flags.register_validator("burn_in", lambda v: v >= -1, "--burn_in must be -1 (B − 1) or ≥ 0.")
+flags.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be ≥ 0.")
+flags.register_validator("worker_timeout", lambda v: v > 0, "--worker_timeout must be > 0.")
 flags.register_validator("eval_every", lambda v: v >= 0, "--eval_every must be ≥ 0.")
 
 
@@ -111,6 +124,18 @@ def method_arguments(method: str, data) -> dict:
     return arguments
 
 
+def state_digest(model) -> str:
+    """A SHA-256 of the model's weights and per-sample state (to compare runs and workers)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run() -> dict:
     import keras
     import numpy as np
@@ -118,6 +143,20 @@ def run() -> dict:
     import emc2_tf
 
     started = time.time()
+    if FLAGS.cpu_devices:
+        try:
+            emc2_tf.split_cpu(FLAGS.cpu_devices)
+        except (RuntimeError, ValueError) as error:
+            fail(f"--cpu_devices={FLAGS.cpu_devices}: {error}")
+    try:
+        strategy = emc2_tf.make_strategy(FLAGS.strategy, worker_timeout=FLAGS.worker_timeout)
+    except ValueError as error:
+        fail(f"--strategy={FLAGS.strategy}: {error}")
+    replicas = strategy.num_replicas_in_sync
+    if FLAGS.batch_size % replicas:
+        fail(f"--batch_size={FLAGS.batch_size} (the global batch) is not divisible by the "
+             f"{replicas} replicas of --strategy={FLAGS.strategy}; use a multiple of {replicas}.")
+    chief = emc2_tf.is_chief(strategy)
     keras.utils.set_random_seed(FLAGS.seed)
     try:
         data = emc2_tf.load_dataset(FLAGS.dataset, FLAGS.data_dir)
@@ -129,18 +168,18 @@ def run() -> dict:
     encoder_name = FLAGS.encoder
     if encoder_name == "auto":
         encoder_name = "small_cnn" if max(data.image_shape[:2]) <= 28 else "resnet18"
-    encoder = emc2_tf.build_encoder(encoder_name, data.image_shape)
-
-    try:
-        model = emc2_tf.build_model(
-            FLAGS.method, encoder=encoder, dataset_size=data.num_train,
-            **method_arguments(FLAGS.method, data),
-        )
-    except ValueError as error:
-        fail(str(error))
+    with strategy.scope():
+        encoder = emc2_tf.build_encoder(encoder_name, data.image_shape)
+        try:
+            model = emc2_tf.build_model(
+                FLAGS.method, encoder=encoder, dataset_size=data.num_train,
+                **method_arguments(FLAGS.method, data),
+            )
+        except ValueError as error:
+            fail(str(error))
+        model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
+                      jit_compile=FLAGS.jit_compile)
     temperature = model.temperature
-    model.compile(optimizer=keras.optimizers.Adam(FLAGS.learning_rate),
-                  jit_compile=FLAGS.jit_compile)
     augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
     epoch_seconds = []
     # First in the list: an epoch's time includes the batch selection, not the evaluation.
@@ -165,7 +204,7 @@ def run() -> dict:
     )
     if FLAGS.eval_every:
         callbacks.append(emc2_tf.KNNAccuracyCallback(encoder, data, FLAGS.eval_every))
-    if FLAGS.tensorboard_dir:
+    if FLAGS.tensorboard_dir and chief:  # one writer per cluster
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(FLAGS.tensorboard_dir, model_name)))
 
     monitor_global_loss = data.num_train <= 20000  # the exact loss is O(N²)
@@ -175,7 +214,7 @@ def run() -> dict:
             encoder, data.train_images, temperature)
     print(f"Pre-training {encoder_name} with {FLAGS.method} on {data.name}: "
           f"N={data.num_train}, B={FLAGS.batch_size}, τ={temperature}, "
-          f"{FLAGS.batch_selection} batches, "
+          f"{FLAGS.batch_selection} batches, {replicas} replica(s), "
           f"{FLAGS.epochs} epochs")
     train_started = time.time()
     # A live progress bar on a terminal; one line per epoch in a log file.
@@ -205,7 +244,10 @@ def run() -> dict:
         summary["global_contrastive_loss"] = emc2_tf.exact_global_contrastive_loss(
             encoder, data.train_images, temperature
         )
-    if FLAGS.export:
+    summary["strategy"] = FLAGS.strategy
+    summary["replicas"] = replicas
+    summary["state_digest"] = state_digest(model)
+    if FLAGS.export and chief:  # the other workers hold identical weights
         summary["export_path"] = emc2_tf.export_encoder(encoder, FLAGS.export_dir, model_name)
     summary["total_seconds"] = time.time() - started
 
@@ -218,7 +260,7 @@ def run() -> dict:
               f"{summary['global_contrastive_loss']:.4f} after")
     print(f"training time: {train_seconds:.1f} s "
           f"({summary['seconds_per_epoch']:.2f} s per epoch, median)")
-    if FLAGS.export:
+    if "export_path" in summary:
         print(f"exported encoder: {summary['export_path']}")
     print("summary: " + json.dumps(summary, sort_keys=True))
     return summary

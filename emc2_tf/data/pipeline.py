@@ -99,4 +99,11 @@ def make_two_view_dataset(
     dataset = tf.data.Dataset.zip(indices, seeds).map(
         to_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Under MultiWorkerMirroredStrategy every worker builds the same pipeline
+    # (same seeds) and keeps its part of each global batch: sharding by data,
+    # not by file (the images are in memory).
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -38,6 +38,29 @@ def check_dataset_size(dataset_size: int) -> int:
     return int(dataset_size)
 
 
+def all_gather(context: tf.distribute.ReplicaContext, value: tf.Tensor) -> tf.Tensor:
+    """`context.all_gather(value, axis=0)`, with the value placed on the replica's device.
+
+    Under MultiWorkerMirroredStrategy with one device per worker the replica
+    function runs without a device scope, and `all_gather` of an unplaced
+    tensor fails ("destinations can not be empty"); an identity under the
+    replica's device fixes that and changes nothing elsewhere.
+    """
+    devices = context.strategy.extended.worker_devices
+    if not value.device and len(devices) == 1:
+        with tf.device(devices[0]):
+            value = tf.identity(value)
+    return context.all_gather(value, axis=0)
+
+
+def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` is a MultiWorkerMirroredStrategy spanning several workers."""
+    extended = strategy.extended
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        getattr(extended, "_in_multi_worker_mode", lambda: False)()
+    )
+
+
 class ContrastiveModel(keras.Model):
     """Base class: a Keras model whose `train_step` optimises a contrastive loss.
 
@@ -86,6 +109,12 @@ class ContrastiveModel(keras.Model):
         return [self.loss_tracker, *self.step_trackers.values()]
 
     def call(self, images, training=False):
+        """Embeds `images`; given a two-view batch (as Keras' build under a
+        strategy passes), embeds its first view."""
+        if isinstance(images, dict) and "view1" in images:
+            images = images["view1"]
+        elif isinstance(images, (tuple, list)) and len(images) == 3:
+            images = images[1]
         return self.encoder(images, training=training)
 
     def contrastive_loss(
@@ -112,8 +141,44 @@ class ContrastiveModel(keras.Model):
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
         return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32, alg="philox")
 
+    def global_batch(
+        self, index: tf.Tensor, embeddings: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The global batch: every replica's images, in replica order.
+
+        Args:
+            index: int32 `[b]` this replica's sample indices.
+            embeddings: `[2b, D]` this replica's view-1 then view-2 embeddings.
+
+        Returns:
+            `(index [B], embeddings [2B, D], offset)`: the all-gathered batch,
+            view 1 of all B images then view 2, and the row of this replica's
+            first image in it. Without a strategy (or with one replica) the
+            input itself and offset 0.
+
+        `all_gather` is differentiable: its gradient is the all-reduce sum of
+        the upstream gradients, sliced back to each replica. So a loss that
+        every replica computes over the global batch, divided by the replica
+        count (as `train_step` does), yields the gradient of the global-batch
+        loss once Keras sums the replicas' gradients; this is how SimCLR gets
+        its negatives from the whole global batch (google-research/simclr's
+        cross-replica concat).
+        """
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return index, embeddings, tf.constant(0, tf.int32)
+        batch_size = tf.shape(index)[0]
+        view1 = all_gather(context, embeddings[:batch_size])
+        view2 = all_gather(context, embeddings[batch_size:])
+        all_index = all_gather(context, index)
+        offset = tf.cast(context.replica_id_in_sync_group, tf.int32) * batch_size
+        return all_index, tf.concat([view1, view2], axis=0), offset
+
     def update_sample_state(
-        self, index: tf.Tensor, updates: Sequence[tuple[Any, tf.Tensor]]
+        self,
+        index: tf.Tensor,
+        updates: Sequence[tuple[Any, tf.Tensor]],
+        replicated: bool = False,
     ) -> None:
         """Writes per-sample state rows `index`; identical on every replica.
 
@@ -123,17 +188,19 @@ class ContrastiveModel(keras.Model):
                 and its values `[B, ...]` (pairs, not a dict: Keras variables
                 overload `==` and are not hashable keys).
 
+            replicated: the rows are already the same on every replica (a
+                method that computes the global batch's update everywhere);
+                nothing is gathered.
+
         Under a strategy the indices and values of all replicas are gathered
         first and every replica applies the same update (shared notes,
         Distribution), so the tables never diverge and hold every replica's
         anchors.
         """
         context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            index = context.all_gather(index, axis=0)
-            updates = [
-                (variable, context.all_gather(values, axis=0)) for variable, values in updates
-            ]
+        if not replicated and context is not None and context.num_replicas_in_sync > 1:
+            index = all_gather(context, index)
+            updates = [(variable, all_gather(context, values)) for variable, values in updates]
         rows = index[:, None]
         for variable, values in updates:
             variable.assign(
@@ -158,7 +225,50 @@ class ContrastiveModel(keras.Model):
         self.loss_tracker.update_state(loss)
         for name, value in scalars.items():
             self.step_trackers[name].update_state(value)
-        return {metric.name: metric.result() for metric in self.metrics}
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        if _multi_worker(self.distribute_strategy):
+            # Keras reduces logs across workers with `strategy.reduce(MEAN, v,
+            # axis=0)`, which rejects scalars; a [1] vector reduces to a scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the optimizer without peeking at the data.
+
+        Under a strategy Keras' version draws one batch from a fresh iterator
+        of the dataset to build the model. That consumes one iteration: a
+        dataset that reshuffles each iteration then trains on a different
+        order than the same run without a strategy. A contrastive model is
+        built at construction (its encoder is), so only the optimizer's slots
+        remain to create, under the strategy's scope.
+        """
+        if not (self.encoder.built and getattr(self, "_compile_metrics", None) is None
+                and getattr(self, "_compile_loss", None) is None):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        self.built = True
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def check_global_batch(self, dataset: tf.data.Dataset) -> None:
+        """Raises `ValueError` unless the global batch splits evenly over the replicas."""
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1:
+            return
+        index_spec, _, _ = unpack_two_view_batch(dataset.element_spec)
+        batch_size = index_spec.shape[0] if index_spec.shape.rank else None
+        if batch_size is None:
+            raise ValueError(
+                f"Under a strategy with {replicas} replicas the global batch size must be "
+                "static: batch the dataset with drop_remainder=True (make_two_view_dataset "
+                "does by default)."
+            )
+        if batch_size % replicas:
+            raise ValueError(
+                f"The global batch size B={batch_size} is not divisible by the {replicas} "
+                f"replicas of the strategy; use a multiple of {replicas} (e.g. "
+                f"{max(replicas, batch_size // replicas * replicas)})."
+            )
 
     def fit(self, x=None, *args, **kwargs):
         """`keras.Model.fit`, after validating a `tf.data.Dataset` input.
@@ -168,6 +278,7 @@ class ContrastiveModel(keras.Model):
         raises one `ValueError` naming the problem.
         """
         if isinstance(x, tf.data.Dataset):
+            self.check_global_batch(x)
             x = check_dataset(x, self.dataset_size)
             kwargs.setdefault("shuffle", False)  # a dataset's order is its own
         try:

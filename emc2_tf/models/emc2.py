@@ -18,6 +18,12 @@
 5. a chain still on its out-of-batch negative from an earlier step is
    re-encoded from the un-augmented image with the current weights;
 6. `chain_index` / `chain_log_score` are written back for the batch only.
+
+Under a distribution strategy each replica runs the chains of its own b
+images, over the candidates of the global batch (all replicas' 2B views,
+all-gathered with gradient), with its own random stream (replica id folded
+into the seed); the replicas' chain updates are all-gathered and written
+identically everywhere (`ContrastiveModel.update_sample_state`).
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ class EMC2Model(ContrastiveModel):
         images: the N un-augmented images, float `[N, H, W, C]` in [0, 1],
             used to re-encode a chain's out-of-batch negative.
         temperature: τ (paper default 0.07, i.e. β ≈ 14.3).
-        burn_in: MH steps per pass not recorded; default `B − 1`.
+        burn_in: MH steps per pass not recorded; default `B − 1`, B the global batch.
         exact_ratio: recompute the current state's score with the current
             weights before each pass instead of the stored, stale score (the
             paper's theory; official `--finite_aug`). Proposing the current
@@ -185,11 +191,14 @@ class EMC2Model(ContrastiveModel):
 
     def contrastive_loss(self, index, embeddings, training=True):
         beta = tf.convert_to_tensor(self.inverse_temperature, dtype=embeddings.dtype)
-        batch_size = tf.shape(index)[0]
+        batch_size = tf.shape(index)[0]  # this replica's b images (the chains)
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
+        # The candidates are the global batch's 2B views (all replicas').
+        all_index, candidates, _ = self.global_batch(index, embeddings)
+        global_batch_size = tf.shape(all_index)[0]
 
-        logits = beta * tf.matmul(embeddings, embeddings, transpose_b=True)  # [2B, 2B]
-        anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, B, 2B]
+        logits = beta * tf.matmul(embeddings, candidates, transpose_b=True)  # [2b, 2B]
+        anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, b, 2B]
 
         old_index = tf.gather(self.chain_index.value, index)
         old_log_score = tf.gather(self.chain_log_score.value, index)
@@ -213,11 +222,11 @@ class EMC2Model(ContrastiveModel):
         else:
             initial_log_score = tf.where(has_state, old_log_score, minus_inf)
 
-        burn_in = default_burn_in(batch_size) if self.burn_in is None else self.burn_in
-        log_uniforms = tf.math.log(self.random_uniform([2, 2 * batch_size, batch_size]))
+        burn_in = default_burn_in(global_batch_size) if self.burn_in is None else self.burn_in
+        log_uniforms = tf.math.log(self.random_uniform([2, 2 * global_batch_size, batch_size]))
         scan = mh_scan(
             anchor_logits,
-            candidate_mask(index),
+            candidate_mask(index, all_index),
             log_uniforms,
             initial_log_score,
             burn_in,
@@ -233,7 +242,7 @@ class EMC2Model(ContrastiveModel):
         loss = tf.reduce_mean(negative_term) - tf.reduce_mean(positive_term)
 
         # Step 7: write back the batch's chains.
-        candidate_index = tf.concat([index, index], axis=0)
+        candidate_index = tf.concat([all_index, all_index], axis=0)
         final_state = scan.final_state
         new_index = tf.where(
             final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)), old_index

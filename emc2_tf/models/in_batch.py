@@ -1,7 +1,9 @@
 """Models for objectives computed within the batch (SimCLR, DCL, DHEL, KCL).
 
-These objectives need no per-sample state: `contrastive_loss` splits the 2B
-embeddings into the two views and calls the loss function, one module per
+These objectives need no per-sample state: `contrastive_loss` gathers the
+global batch (all replicas' views, so the negatives are the global batch as in
+google-research/simclr), splits the 2B embeddings into the two views and calls
+the loss function, one module per
 objective under `emc2_tf.losses`. The registry binds each method name to its
 loss (`emc2_tf.models.METHODS`).
 """
@@ -49,6 +51,9 @@ class InBatchContrastiveModel(ContrastiveModel):
         self.loss_kwargs = dict(loss_kwargs or {})
 
     def contrastive_loss(self, index, embeddings, training=True):
+        # Under a strategy every replica computes the loss of the global batch
+        # (negatives from all replicas); see `ContrastiveModel.global_batch`.
+        index, embeddings, _ = self.global_batch(index, embeddings)
         batch_size = tf.shape(index)[0]
         options = dict(self.loss_kwargs)
         if self.uses_temperature:

@@ -10,7 +10,11 @@
 3. returns the surrogate loss whose negatives are weighted by
    `exp(β s) / u` (`emc2_tf.losses.sogclr_surrogate_loss`);
 4. writes back, for the batch's images only, the mean of the two views'
-   updated `u` (log space), identically on every replica.
+   updated `u` (log space).
+
+Under a distribution strategy, steps 1-4 run on the global batch (all
+replicas' views, gathered) on every replica: the negatives are the global
+batch, as in the official code, and every replica writes the same rows.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class SogCLRModel(ContrastiveModel):
         )
 
     def contrastive_loss(self, index, embeddings, training=True):
+        # Every replica computes the global batch's estimate and update: the
+        # same numbers everywhere, so the u-table stays identical across replicas.
+        index, embeddings, _ = self.global_batch(index, embeddings)
         batch_size = tf.shape(index)[0]
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
         log_g = tf.stop_gradient(sogclr_batch_estimate(view1, view2, self.temperature))
@@ -97,5 +104,5 @@ class SogCLRModel(ContrastiveModel):
         new_log_u = tf.reduce_logsumexp(log_u_views, axis=0) - tf.math.log(
             tf.constant(2.0, log_u_views.dtype)
         )
-        self.update_sample_state(index, [(self.log_u, new_log_u)])
+        self.update_sample_state(index, [(self.log_u, new_log_u)], replicated=True)
         return loss, {}

@@ -71,7 +71,7 @@ def metropolis_hastings_accept_probability(
     return tf.exp(tf.minimum(0.0, proposal_log_score - current_log_score))
 
 
-def candidate_mask(batch_index: tf.Tensor) -> tf.Tensor:
+def candidate_mask(batch_index: tf.Tensor, candidate_index: tf.Tensor | None = None) -> tf.Tensor:
     """Which of the 2B candidate views may become image b's negative.
 
     A candidate is valid iff it is a view of a *different* data-set image:
@@ -79,13 +79,18 @@ def candidate_mask(batch_index: tf.Tensor) -> tf.Tensor:
     the batch are never proposed, so a sample is never its own negative.
 
     Args:
-        batch_index: int `[B]`, the data-set indices of the batch's images.
+        batch_index: int `[b]`, the data-set indices of the chains' images.
+        candidate_index: int `[B]`, the data-set indices of the candidate
+            images (under a distribution strategy: the global batch); default
+            `batch_index`.
 
     Returns:
-        bool `[B, 2B]`; column c refers to view `c // B + 1` of image `c % B`.
+        bool `[b, 2B]`; column c refers to view `c // B + 1` of candidate image `c % B`.
     """
-    candidate_index = tf.concat([batch_index, batch_index], axis=0)
-    return tf.not_equal(batch_index[:, None], candidate_index[None, :])
+    if candidate_index is None:
+        candidate_index = batch_index
+    columns = tf.concat([candidate_index, candidate_index], axis=0)
+    return tf.not_equal(batch_index[:, None], columns[None, :])
 
 
 def default_burn_in(batch_size) -> tf.Tensor:

@@ -1,0 +1,198 @@
+"""Distribution strategies for training: one name each, checked set-up, no silent hangs.
+
+`make_strategy("default" | "mirrored" | "multi_worker")` returns the
+`tf.distribute.Strategy` to build and compile the model under:
+
+```python
+strategy = emc2_tf.make_strategy("mirrored")
+with strategy.scope():
+    model = emc2_tf.build_model("emc2", encoder=..., dataset_size=n, images=...)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+model.fit(dataset, epochs=10)   # the dataset yields global batches
+```
+
+The model does the rest (`ContrastiveModel`): the global batch is split over
+replicas, negatives are gathered across replicas, per-sample state is
+updated identically everywhere, and each replica folds its id into its seed.
+
+`multi_worker` reads the cluster from `TF_CONFIG` (see the README's recipe for
+two workers on one machine or several hosts). If a worker does not answer
+within `worker_timeout` seconds, the process is terminated with a one-line
+error naming it (TensorFlow's cluster start-up holds the GIL and cannot be
+interrupted from Python), and collectives time out instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import tensorflow as tf
+
+#: Accepted values of `--strategy`.
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def split_cpu(num_devices: int) -> None:
+    """Splits the CPU into `num_devices` logical devices (before any op runs).
+
+    Lets `mirrored` run 2+ replicas on a machine without GPUs (for tests and
+    trying the distributed path).
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be ≥ 1; got {num_devices}.")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == num_devices:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"Cannot split the CPU into {num_devices} devices: TensorFlow is already "
+            "initialised. Call emc2_tf.split_cpu first thing in the program."
+        ) from error
+
+
+def read_tf_config() -> tuple[list[str], int]:
+    """The worker addresses and this task's index from `TF_CONFIG`, validated."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ValueError(
+            "--strategy=multi_worker needs the TF_CONFIG environment variable, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        )
+    try:
+        config = json.loads(raw)
+        workers = list(config["cluster"]["worker"])
+        task = config["task"]
+        task_type, task_index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"TF_CONFIG is not valid ({type(error).__name__}: {error}); expected "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}.'
+        ) from None
+    if task_type not in ("worker", "chief"):
+        raise ValueError(f"TF_CONFIG task type must be 'worker' (or 'chief'); got {task_type!r}.")
+    if task_type == "worker" and not 0 <= task_index < len(workers):
+        raise ValueError(
+            f"TF_CONFIG task index {task_index} is outside the {len(workers)} workers listed."
+        )
+    for address in workers:
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"TF_CONFIG worker address {address!r} is not host:port.")
+    return [str(w) for w in workers], task_index
+
+
+def silent_workers(workers: list[str], task_index: int, timeout: float = 2.0) -> list[str]:
+    """The other workers whose port does not accept a TCP connection now."""
+    silent = []
+    for index, address in enumerate(workers):
+        if index == task_index:
+            continue
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                pass
+        except OSError:
+            silent.append(f"worker {index} at {address}")
+    return silent
+
+
+#: Run in a separate process: TensorFlow holds the GIL while it joins the
+#: cluster, so a thread of the training process could not fire.
+_WATCHDOG = r"""
+import json, os, signal, socket, sys, time
+parent, timeout, workers, task_index = (
+    int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]))
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    if os.getppid() != parent:
+        sys.exit(0)
+    time.sleep(0.2)
+silent = []
+for index, address in enumerate(workers):
+    if index == task_index:
+        continue
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2.0).close()
+    except OSError:
+        silent.append(f"worker {index} at {address}")
+who = ", ".join(silent) or "a worker (its port is open)"
+sys.stderr.write(
+    f"error: --strategy=multi_worker: {who} (from TF_CONFIG) did not join the cluster "
+    f"within {timeout:g} s; start every worker listed in TF_CONFIG, check the addresses "
+    "and firewall, or raise --worker_timeout.\n")
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)  # TensorFlow handles SIGTERM itself and keeps waiting
+"""
+
+
+def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy that gives up after `worker_timeout` seconds.
+
+    Joining the cluster happens inside TensorFlow's C++ runtime (the eager
+    context's initialisation, then a barrier), holds the GIL and waits for
+    every worker forever: no Python exception or thread can interrupt it. A
+    watchdog process therefore names the workers that did not answer, prints
+    one line to stderr and kills this process (SIGKILL) if the strategy
+    is not ready in time. During training, collectives time out after
+    `worker_timeout` (`CommunicationOptions`) and the strategy's health check
+    aborts them when a peer dies.
+    """
+    workers, task_index = read_tf_config()
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(worker_timeout),
+         json.dumps(workers), str(task_index)],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
+def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.distribute.Strategy:
+    """The distribution strategy called `name` (`STRATEGIES`).
+
+    Args:
+        name: `default` (no distribution), `mirrored` (every local GPU, or
+            every logical CPU device when there is no GPU), `multi_worker`
+            (MultiWorkerMirroredStrategy over the workers of `TF_CONFIG`).
+        worker_timeout: seconds to wait for the other workers to come up, and
+            the timeout of each collective operation.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(
+            devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+    if name == "multi_worker":
+        return _multi_worker_strategy(worker_timeout)
+    raise ValueError(f"Unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}.")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process should write files (exports, logs): worker 0 or no cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )

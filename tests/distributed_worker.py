@@ -1,0 +1,80 @@
+"""Trains a few steps under a distribution strategy and saves the state (run by the tests).
+
+    python tests/distributed_worker.py OUT.npz --strategy=mirrored --method=emc2 [...]
+
+Not a test file: `tests/test_distribute.py` runs it in subprocesses, because
+splitting the CPU into logical devices, or joining a MultiWorkerMirroredStrategy
+cluster, must happen before TensorFlow initialises.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--strategy", default="default")
+    parser.add_argument("--cpu_devices", type=int, default=2)
+    parser.add_argument("--method", default="emc2")
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--worker_timeout", type=float, default=60.0)
+    return parser.parse_args(argv)
+
+
+def local_values(variable):
+    """Every replica's copy of a (possibly mirrored) Keras variable, as arrays."""
+    inner = getattr(variable, "_value", variable)
+    values = getattr(inner, "values", None)
+    if values is None:
+        return [np.asarray(inner)]
+    return [np.asarray(v) for v in values]
+
+
+def main(argv):
+    args = parse_args(argv)
+    import emc2_tf
+
+    if args.strategy == "mirrored":
+        emc2_tf.split_cpu(args.cpu_devices)
+    import keras
+
+    strategy = emc2_tf.make_strategy(args.strategy, worker_timeout=args.worker_timeout)
+    rng = np.random.default_rng(0)
+    images = rng.random((args.num_images, 4, 4, 1)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    dataset = emc2_tf.make_two_view_dataset(images, args.batch_size, augment=None, seed=0)
+    dataset = dataset.take(max(args.steps, 1))
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        encoder = keras.Sequential([
+            keras.Input((4, 4, 1), name="images"), keras.layers.Flatten(),
+            keras.layers.Dense(8), keras.layers.UnitNormalization(),
+        ])
+        options = {"images": images} if args.method == "emc2" else {}
+        model = emc2_tf.build_model(args.method, encoder=encoder, dataset_size=len(images),
+                                    temperature=args.temperature, seed=0, **options)
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+    loss = np.nan
+    if args.steps:
+        loss = model.fit(dataset, epochs=1, verbose=0).history["loss"][-1]
+    state = {"replicas": strategy.num_replicas_in_sync, "loss": loss}
+    for weight in model.weights:
+        name = weight.path.replace("/", ".")
+        copies = local_values(weight)
+        state[name] = copies[0]
+        state[name + ".copies"] = np.stack(copies)
+    np.savez(args.out, **state)
+    print(f"saved {args.out}: {strategy.num_replicas_in_sync} replicas")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

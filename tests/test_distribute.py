@@ -1,0 +1,150 @@
+"""tf.distribute on CPU: 2 logical devices (MirroredStrategy) and 2 local worker processes.
+
+Each run happens in a subprocess (`tests/distributed_worker.py`): splitting
+the CPU or joining a cluster must precede TensorFlow's initialisation.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, run_python
+
+WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
+
+
+def _train(tmp_path, name, *args):
+    out = tmp_path / f"{name}.npz"
+    result = run_python([WORKER, str(out), *args], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def _state(run, suffix):
+    (key,) = [k for k in run if k.endswith(suffix)]
+    return run[key]
+
+
+def _assert_replicas_identical(run):
+    for key, copies in run.items():
+        if key.endswith(".copies"):
+            for copy in copies[1:]:
+                np.testing.assert_array_equal(copy, copies[0], err_msg=key)
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("simclr", []),
+    ("sogclr", []),
+    # τ = 1e9: every MH proposal is accepted, so the chains are deterministic and
+    # must end on the last candidate of the *global* batch, as with one replica.
+    ("emc2", ["--temperature=1e9"]),
+])
+def test_two_replicas_match_one_replica(tmp_path, method, extra):
+    one = _train(tmp_path, "one", "--strategy=default", f"--method={method}", *extra)
+    two = _train(tmp_path, "two", "--strategy=mirrored", f"--method={method}", *extra)
+    assert int(one["replicas"]) == 1 and int(two["replicas"]) == 2
+    _assert_replicas_identical(two)
+    for key in one:
+        if key.endswith(".copies") or key == "replicas":
+            continue
+        if one[key].dtype.kind == "f":
+            finite = np.isfinite(one[key])
+            np.testing.assert_array_equal(finite, np.isfinite(two[key]), err_msg=key)
+            np.testing.assert_allclose(two[key][finite], one[key][finite], rtol=1e-5, atol=1e-5,
+                                       err_msg=key)
+        else:
+            np.testing.assert_array_equal(two[key], one[key], err_msg=key)
+    assert np.isfinite(one["loss"]) and float(one["loss"]) == pytest.approx(float(two["loss"]), abs=1e-5)
+
+
+def test_emc2_chain_tables_identical_across_replicas_and_valid(tmp_path):
+    """τ = 0.1: the replicas draw their own uniforms, so the chains differ from the
+    1-replica run draw for draw, but the updated rows are the same and valid."""
+    one = _train(tmp_path, "one", "--strategy=default", "--method=emc2")
+    two = _train(tmp_path, "two", "--strategy=mirrored", "--method=emc2")
+    _assert_replicas_identical(two)
+    index_one, index_two = _state(one, "chain_index"), _state(two, "chain_index")
+    score_two = _state(two, "chain_log_score")
+    n = len(index_two)
+    np.testing.assert_array_equal(index_one >= 0, index_two >= 0)  # same updated rows
+    updated = index_two >= 0
+    assert 3 * 16 >= updated.sum() > 0
+    assert ((index_two[updated] < n) & (index_two[updated] != np.arange(n)[updated])).all()
+    assert np.isfinite(score_two[updated]).all() and np.isneginf(score_two[~updated]).all()
+    assert np.abs(score_two[updated]).max() <= 10.0 + 1e-4  # |β s| ≤ β = 10
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _start(args, tf_config):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=tf_config)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_worker_processes_hold_identical_chains_and_weights(tmp_path):
+    ports = [_free_port(), _free_port()]
+    workers = [_start([WORKER, str(tmp_path / f"w{i}.npz"), "--strategy=multi_worker",
+                       "--method=emc2", "--worker_timeout=60"], _tf_config(ports, i))
+               for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=240) for w in workers]
+    finally:
+        for w in workers:  # always stopped, even on failure or timeout
+            w.kill()
+            w.wait()
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    first, second = (dict(np.load(tmp_path / f"w{i}.npz")) for i in range(2))
+    assert int(first["replicas"]) == 2
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    assert (_state(first, "chain_index") >= 0).sum() > 0
+    # And the cluster computes what 2 mirrored replicas compute (same seeds, same split).
+    mirrored = _train(tmp_path, "mirrored", "--strategy=mirrored", "--method=emc2")
+    np.testing.assert_array_equal(_state(first, "chain_index"), _state(mirrored, "chain_index"))
+
+
+def test_bad_distribution_input_fails_fast_with_a_clear_line():
+    result = run_python(["-m", "trainers.train", "--strategy=mirrored", "--cpu_devices=2",
+                         "--batch_size=63", "--epochs=1"], timeout=120)
+    assert result.returncode != 0
+    assert ("--batch_size=63 (the global batch) is not divisible by the 2 replicas of "
+            "--strategy=mirrored") in result.stderr
+    assert "Traceback" not in result.stderr
+
+    ports = [_free_port(), _free_port()]  # nobody listens on the second one
+    started = time.monotonic()
+    worker = _start(["-m", "trainers.train", "--strategy=multi_worker", "--worker_timeout=5",
+                     "--epochs=1"], _tf_config(ports, 0))
+    try:
+        _, err = worker.communicate(timeout=90)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert worker.returncode != 0
+    assert f"worker 1 at 127.0.0.1:{ports[1]} (from TF_CONFIG) did not join the cluster within 5 s" in err
+    assert time.monotonic() - started < 60
+
+    bad = _start(["-m", "trainers.train", "--strategy=multi_worker", "--epochs=1"], "{not json")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode != 0 and "TF_CONFIG is not valid" in err and "Traceback" not in err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
