@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -89,21 +88,6 @@ def read_tf_config() -> tuple[list[str], int]:
         if not host or not port.isdigit():
             raise ValueError(f"TF_CONFIG worker address {address!r} is not host:port.")
     return [str(w) for w in workers], task_index
-
-
-def silent_workers(workers: list[str], task_index: int, timeout: float = 2.0) -> list[str]:
-    """The other workers whose port does not accept a TCP connection now."""
-    silent = []
-    for index, address in enumerate(workers):
-        if index == task_index:
-            continue
-        host, _, port = address.rpartition(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=timeout):
-                pass
-        except OSError:
-            silent.append(f"worker {index} at {address}")
-    return silent
 
 
 #: Run in a separate process: TensorFlow holds the GIL while it joins the

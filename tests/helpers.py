@@ -38,6 +38,22 @@ def exact_softmax(embeddings: np.ndarray, anchor: int, temperature: float) -> np
     return p / p.sum()
 
 
+def numeric_gradient(fn, u: np.ndarray, v: np.ndarray, h: float = 1e-6) -> list:
+    """Central differences of `fn(u, v)` w.r.t. `u` and `v` (float64)."""
+    grads = []
+    for which in (0, 1):
+        base = [u.copy(), v.copy()]
+        grad = np.zeros_like(base[which])
+        for idx in np.ndindex(grad.shape):
+            plus = [b.copy() for b in base]
+            minus = [b.copy() for b in base]
+            plus[which][idx] += h
+            minus[which][idx] -= h
+            grad[idx] = (fn(*plus) - fn(*minus)) / (2 * h)
+        grads.append(grad)
+    return grads
+
+
 def run_python(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
     """Runs `python ARGS` with the checkout importable; output captured as text."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import emc2_tf
 
-from helpers import fixed_embeddings
+from helpers import fixed_embeddings, numeric_gradient
 
 
 def _lse(x):
@@ -64,26 +64,13 @@ CASES = [
 ]
 
 
-def _numeric_gradient(fn, u, v, h=1e-6):
-    grads = []
-    for which in (0, 1):
-        base = [u.copy(), v.copy()]
-        grad = np.zeros_like(base[which])
-        for idx in np.ndindex(grad.shape):
-            plus = [b.copy() for b in base]; minus = [b.copy() for b in base]
-            plus[which][idx] += h; minus[which][idx] -= h
-            grad[idx] = (fn(*plus) - fn(*minus)) / (2 * h)
-        grads.append(grad)
-    return grads
-
-
 @pytest.mark.parametrize("name, loss, reference, kwargs", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("batch", [2, 5])
 def test_value_and_gradient_match_float64_reference(name, loss, reference, kwargs, batch):
     u = fixed_embeddings(batch, 4, seed=batch)
     v = fixed_embeddings(batch, 4, seed=batch + 10)
     expected = reference(u, v, **kwargs)
-    expected_grads = _numeric_gradient(lambda a, b: reference(a, b, **kwargs), u, v)
+    expected_grads = numeric_gradient(lambda a, b: reference(a, b, **kwargs), u, v)
     tu, tv = tf.Variable(u), tf.Variable(v)
     with tf.GradientTape() as tape:
         value = loss(tu, tv, **kwargs)

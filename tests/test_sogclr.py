@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import emc2_tf
 
-from helpers import embedding_images, fixed_embeddings
+from helpers import embedding_images, fixed_embeddings, numeric_gradient
 
 
 def _lse(x):
@@ -44,19 +44,6 @@ def ref_surrogate(u, v, log_u, tau, weights=None):
     return np.mean(losses), all_w
 
 
-def _numeric_gradient(fn, u, v, h=1e-6):
-    grads = []
-    for which in (0, 1):
-        base = [u.copy(), v.copy()]
-        grad = np.zeros_like(base[which])
-        for idx in np.ndindex(grad.shape):
-            plus = [b.copy() for b in base]; minus = [b.copy() for b in base]
-            plus[which][idx] += h; minus[which][idx] -= h
-            grad[idx] = (fn(*plus) - fn(*minus)) / (2 * h)
-        grads.append(grad)
-    return grads
-
-
 @pytest.mark.parametrize("batch", [2, 5])
 def test_batch_estimate_matches_reference(batch):
     u, v = fixed_embeddings(batch, 4, seed=batch), fixed_embeddings(batch, 4, seed=batch + 7)
@@ -83,7 +70,7 @@ def test_surrogate_value_and_gradient_match_float64_reference(batch):
     log_u = np.random.default_rng(batch).normal(size=(2, batch)) + 2.0  # any positive u
     expected, weights = ref_surrogate(u, v, log_u, tau)
     # The weights are constants: differentiate with them frozen.
-    expected_grads = _numeric_gradient(
+    expected_grads = numeric_gradient(
         lambda a, b: ref_surrogate(a, b, log_u, tau, weights)[0], u, v)
     tu, tv = tf.Variable(u), tf.Variable(v)
     with tf.GradientTape() as tape:
