@@ -8,11 +8,30 @@ regression fitted on standardised train features.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from emc2_tf.encoders import BACKBONE_NAME
+
+
+#: One compiled inference function per model, so repeated evaluations (every
+#: k epochs) reuse its traces instead of tracing anew.
+_FORWARD: "weakref.WeakKeyDictionary[keras.Model, tf.types.experimental.GenericFunction]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _compiled_forward(model: keras.Model):
+    if model not in _FORWARD:
+        # A weak reference inside too: a strong one would keep the key alive.
+        model_ref = weakref.ref(model)
+        _FORWARD[model] = tf.function(
+            lambda x: model_ref()(x, training=False), reduce_retracing=True
+        )
+    return _FORWARD[model]
 
 
 def embed(
@@ -28,7 +47,7 @@ def embed(
     # A compiled call per chunk rather than `predict`: it works the same with
     # or without a distribution strategy (Keras' predict under
     # MultiWorkerMirroredStrategy would shard and re-gather the images).
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    forward = _compiled_forward(model)
     chunks = [
         forward(tf.constant(images[start : start + batch_size], tf.float32)).numpy()
         for start in range(0, len(images), batch_size)

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+from emc2_tf.models.contrastive_model import check_temperature
 
 #: Largest group k·B accepted by default: a 4096² float64 affinity is 128 MiB.
 DEFAULT_MAX_GROUP_SIZE = 4096
@@ -96,6 +97,25 @@ def equal_size_clusters(affinity: np.ndarray, cluster_size: int,
     return labels
 
 
+def _check_grouping(num_images: int, batch_size: int, groups_k: int, max_group_size: int) -> int:
+    """Validates B and k against N and the group-size limit; returns the group size k·B."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not (
+        2 <= batch_size <= num_images
+    ):
+        raise ValueError(f"batch_size must be an integer in [2, N={num_images}]; got {batch_size!r}.")
+    if isinstance(groups_k, bool) or not isinstance(groups_k, (int, np.integer)) or groups_k < 1:
+        raise ValueError(f"groups_k must be an integer ≥ 1 (batches per group); got {groups_k!r}.")
+    group_size = min(groups_k, num_images // batch_size) * batch_size
+    if group_size > max_group_size:
+        raise ValueError(
+            f"Spectral batch selection would cluster groups of {group_size} images "
+            f"(groups_k={groups_k} × batch_size={batch_size}), above max_group_size="
+            f"{max_group_size}: each group needs a {group_size}² affinity and eigen-solve. "
+            f"Use groups_k ≤ {max(1, max_group_size // batch_size)} or raise max_group_size."
+        )
+    return group_size
+
+
 def spectral_batches(
     view1: np.ndarray,
     view2: np.ndarray,
@@ -127,21 +147,8 @@ def spectral_batches(
             f"view1 and view2 must both be [N, D] embeddings; got {view1.shape} and {view2.shape}."
         )
     num_images = view1.shape[0]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not (
-        2 <= batch_size <= num_images
-    ):
-        raise ValueError(f"batch_size must be an integer in [2, N={num_images}]; got {batch_size!r}.")
-    if isinstance(groups_k, bool) or not isinstance(groups_k, (int, np.integer)) or groups_k < 1:
-        raise ValueError(f"groups_k must be an integer ≥ 1 (batches per group); got {groups_k!r}.")
+    group_size = _check_grouping(num_images, batch_size, groups_k, max_group_size)
     num_batches = num_images // batch_size
-    group_size = min(groups_k, num_batches) * batch_size
-    if group_size > max_group_size:
-        raise ValueError(
-            f"Spectral batch selection would cluster groups of {group_size} images "
-            f"(groups_k={groups_k} × batch_size={batch_size}), above max_group_size="
-            f"{max_group_size}: each group needs a {group_size}² affinity and eigen-solve. "
-            f"Use groups_k ≤ {max(1, max_group_size // batch_size)} or raise max_group_size."
-        )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     order = rng.permutation(num_images)[: num_batches * batch_size]
     batches = []
@@ -216,27 +223,16 @@ class SpectralBatchSelection(keras.callbacks.Callback):
                 "groups, ≈1 s per group of 1280 on a 2-core CPU. Use --batch_selection=random, "
                 "a larger every_k_epochs, or raise max_dataset_size."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not (
-            2 <= batch_size <= num_images
-        ):
-            raise ValueError(
-                f"batch_size must be an integer in [2, N={num_images}]; got {batch_size!r}."
-            )
+        # spectral_batches' own checks, before any training starts.
+        _check_grouping(num_images, batch_size, groups_k, max_group_size)
         if isinstance(every_k_epochs, bool) or not isinstance(every_k_epochs, (int, np.integer)) or (
             every_k_epochs < 1
         ):
             raise ValueError(f"every_k_epochs must be an integer ≥ 1; got {every_k_epochs!r}.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature!r}.")
-        group_size = min(groups_k, num_images // batch_size) * batch_size
-        if group_size > max_group_size:
-            # The same check as spectral_batches, before any training starts.
-            spectral_batches(np.zeros((num_images, 1)), np.zeros((num_images, 1)), batch_size,
-                             temperature, groups_k, seed, max_group_size)
         self.images = images
         self.batch_size = int(batch_size)
         self.num_batches = num_images // self.batch_size
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature)
         self.every_k_epochs = int(every_k_epochs)
         self.groups_k = int(groups_k)
         self.augment = None if augment is None else SimCLRAugment(augment)

@@ -143,7 +143,7 @@ class ContrastiveModel(keras.Model):
 
     def global_batch(
         self, index: tf.Tensor, embeddings: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """The global batch: every replica's images, in replica order.
 
         Args:
@@ -151,10 +151,9 @@ class ContrastiveModel(keras.Model):
             embeddings: `[2b, D]` this replica's view-1 then view-2 embeddings.
 
         Returns:
-            `(index [B], embeddings [2B, D], offset)`: the all-gathered batch,
-            view 1 of all B images then view 2, and the row of this replica's
-            first image in it. Without a strategy (or with one replica) the
-            input itself and offset 0.
+            `(index [B], embeddings [2B, D])`: the all-gathered batch, view 1
+            of all B images then view 2. Without a strategy (or with one
+            replica) the input itself.
 
         `all_gather` is differentiable: its gradient is the all-reduce sum of
         the upstream gradients, sliced back to each replica. So a loss that
@@ -166,13 +165,11 @@ class ContrastiveModel(keras.Model):
         """
         context = tf.distribute.get_replica_context()
         if context is None or context.num_replicas_in_sync == 1:
-            return index, embeddings, tf.constant(0, tf.int32)
+            return index, embeddings
         batch_size = tf.shape(index)[0]
         view1 = all_gather(context, embeddings[:batch_size])
         view2 = all_gather(context, embeddings[batch_size:])
-        all_index = all_gather(context, index)
-        offset = tf.cast(context.replica_id_in_sync_group, tf.int32) * batch_size
-        return all_index, tf.concat([view1, view2], axis=0), offset
+        return all_gather(context, index), tf.concat([view1, view2], axis=0)
 
     def update_sample_state(
         self,

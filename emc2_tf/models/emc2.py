@@ -194,7 +194,7 @@ class EMC2Model(ContrastiveModel):
         batch_size = tf.shape(index)[0]  # this replica's b images (the chains)
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
         # The candidates are the global batch's 2B views (all replicas').
-        all_index, candidates, _ = self.global_batch(index, embeddings)
+        all_index, candidates = self.global_batch(index, embeddings)
         global_batch_size = tf.shape(all_index)[0]
 
         logits = beta * tf.matmul(embeddings, candidates, transpose_b=True)  # [2b, 2B]

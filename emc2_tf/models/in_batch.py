@@ -53,7 +53,7 @@ class InBatchContrastiveModel(ContrastiveModel):
     def contrastive_loss(self, index, embeddings, training=True):
         # Under a strategy every replica computes the loss of the global batch
         # (negatives from all replicas); see `ContrastiveModel.global_batch`.
-        index, embeddings, _ = self.global_batch(index, embeddings)
+        index, embeddings = self.global_batch(index, embeddings)
         batch_size = tf.shape(index)[0]
         options = dict(self.loss_kwargs)
         if self.uses_temperature:

@@ -93,7 +93,7 @@ class SogCLRModel(ContrastiveModel):
     def contrastive_loss(self, index, embeddings, training=True):
         # Every replica computes the global batch's estimate and update: the
         # same numbers everywhere, so the u-table stays identical across replicas.
-        index, embeddings, _ = self.global_batch(index, embeddings)
+        index, embeddings = self.global_batch(index, embeddings)
         batch_size = tf.shape(index)[0]
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
         log_g = tf.stop_gradient(sogclr_batch_estimate(view1, view2, self.temperature))
