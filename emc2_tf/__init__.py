@@ -5,6 +5,7 @@ Everything a user needs is re-exported here; see README.md for examples.
 
 from emc2_tf.batch_selection import (
     BATCH_SELECTIONS,
+    RandomBatchOrder,
     SpectralBatchSelection,
     spectral_affinity,
     spectral_batches,

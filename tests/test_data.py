@@ -48,6 +48,34 @@ def test_pipeline_is_reproducible_and_reshuffles_per_epoch():
     assert not np.array_equal(np.concatenate(epoch_a1), np.concatenate(epoch_a2))
 
 
+def _epoch(dataset):
+    return [{key: value.numpy() for key, value in batch.items()} for batch in dataset]
+
+
+def test_pipeline_is_a_function_of_seed_epoch_and_step():
+    """Epoch e's batches and views do not depend on how often the data was read
+    before: what a resumed run (start_epoch, start_step) relies on."""
+    images = np.random.default_rng(2).random((40, 6, 6, 1)).astype(np.float32)
+    augment = emc2_tf.AugmentConfig.for_dataset("digits")
+    full = emc2_tf.make_two_view_dataset(images, 8, augment, seed=5)
+    epochs = [_epoch(full) for _ in range(3)]
+    resumed = emc2_tf.make_two_view_dataset(images, 8, augment, seed=5, start_epoch=2)
+    rest = emc2_tf.make_two_view_dataset(images, 8, augment, seed=5, start_epoch=1, start_step=3)
+    assert rest.cardinality().numpy() == 2 and full.cardinality().numpy() == 5
+    for expected, got in [(epochs[2], _epoch(resumed)), (epochs[1][3:], _epoch(rest)),
+                          (epochs[1][3:], _epoch(rest))]:  # the rest of an epoch, every time
+        assert len(expected) == len(got)
+        for a, b in zip(expected, got):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(epochs[0][0]["view1"], epochs[1][0]["view1"])
+    # set_epoch (what ContrastiveModel.fit calls at on_epoch_begin) rewinds the stream.
+    full.epoch_schedule.set_epoch(1)
+    np.testing.assert_array_equal(_epoch(full)[0]["view2"], epochs[1][0]["view2"])
+    with pytest.raises(ValueError, match=r"start_step must be an integer in \[0, 5\)"):
+        emc2_tf.make_two_view_dataset(images, 8, start_step=5)
+
+
 def test_batch_size_errors_name_the_argument():
     images = np.zeros((10, 4, 4, 1), np.float32)
     with pytest.raises(ValueError, match="batch_size must be an integer ≥ 2"):

@@ -239,10 +239,26 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         self.seed = int(seed)
         self.max_group_size = max_group_size
         self.verbose = verbose
-        self.batches: np.ndarray | None = None  # the current selection [N // B, B]
+        # The current selection [N // B, B] and the epoch it was made at, as
+        # variables: a checkpoint (`checkpoint_state`) restores them, so a run
+        # resumed between two selections uses the batches it had.
+        self.selection = tf.Variable(
+            tf.zeros([self.num_batches, self.batch_size], tf.int64), trainable=False,
+            name="spectral_selection")
+        self.selected_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                          name="spectral_selected_epoch")
         self.selection_epochs: list[int] = []
         self.selection_seconds: list[float] = []
-        self._orders_served = 0
+
+    @property
+    def batches(self) -> np.ndarray | None:
+        """The current selection `[N // B, B]`, or None before the first."""
+        return None if int(self.selected_epoch.numpy()) < 0 else self.selection.numpy()
+
+    @property
+    def checkpoint_state(self) -> tf.train.Checkpoint:
+        """What a training checkpoint must hold to resume between two selections."""
+        return tf.train.Checkpoint(selection=self.selection, selected_epoch=self.selected_epoch)
 
     def _views(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self.augment is None:
@@ -262,10 +278,12 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         view1, view2 = self._views(epoch)
         z1 = encoder.predict(view1, batch_size=512, verbose=0)
         z2 = encoder.predict(view2, batch_size=512, verbose=0)
-        self.batches = spectral_batches(
+        batches = spectral_batches(
             z1, z2, self.batch_size, self.temperature, self.groups_k,
             np.random.default_rng([self.seed, epoch]), self.max_group_size,
         )
+        self.selection.assign(batches)
+        self.selected_epoch.assign(epoch)
         seconds = time.time() - started
         self.selection_epochs.append(epoch)
         self.selection_seconds.append(seconds)
@@ -274,19 +292,23 @@ class SpectralBatchSelection(keras.callbacks.Callback):
                   f"of {self.batch_size} in {seconds:.1f} s")
         return self.batches
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.batches is None or epoch % self.every_k_epochs == 0:
-            self.select(getattr(self.model, "encoder", self.model), epoch)
+    def selection_epoch(self, epoch: int) -> int:
+        """The epoch whose selection epoch `epoch` trains on."""
+        return epoch - epoch % self.every_k_epochs
 
-    def epoch_batches(self) -> np.ndarray:
-        """This epoch's batches `[N // B, B]`, in a fresh random order.
+    def on_epoch_begin(self, epoch, logs=None):
+        if int(self.selected_epoch.numpy()) != self.selection_epoch(epoch):
+            self.select(getattr(self.model, "encoder", self.model), self.selection_epoch(epoch))
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s batches `[N // B, B]`: the selection, in an order drawn from `(seed, epoch)`.
 
         Before the first selection (e.g. when Keras peeks at the dataset
         before training) the batches are a random split.
         """
-        rng = np.random.default_rng([self.seed, 1_000_003, self._orders_served])
-        self._orders_served += 1
-        if self.batches is None:
+        rng = np.random.default_rng([self.seed, 1_000_003, int(epoch)])
+        batches = self.batches
+        if batches is None:
             order = rng.permutation(len(self.images))[: self.num_batches * self.batch_size]
             return order.reshape(self.num_batches, self.batch_size).astype(np.int64)
-        return self.batches[rng.permutation(len(self.batches))]
+        return batches[rng.permutation(len(batches))]

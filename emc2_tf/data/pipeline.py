@@ -3,10 +3,16 @@
 Each element is a batch `{'index': int32 [B], 'view1': [B, H, W, C],
 'view2': [B, H, W, C]}`: the sample indices address the per-sample state of
 EMC² chains and SogCLR's `u`; the two views are independent augmentations
-drawn inside the graph (`SimCLRAugment`). One epoch visits every image at
-most once (uniform shuffling without replacement), so every batch is a
-uniform draw from the data set: the property the EMC² in-batch proposal
-relies on.
+drawn inside the graph (`SimCLRAugment`).
+
+Everything random is a pure function of `(seed, epoch, step)`: the batch
+order's `epoch_batches(epoch)` (uniform shuffling without replacement by
+default, so every batch is a uniform draw from the data set: the property
+the EMC² in-batch proposal relies on) and the augmentation seeds of each
+step. A run resumed from a checkpoint at epoch `e`, step `k`
+(`start_epoch=e, start_step=k`) therefore sees exactly the batches and views
+the uninterrupted run saw, and every worker of a cluster builds the same
+stream.
 """
 
 from __future__ import annotations
@@ -17,23 +23,13 @@ import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 
 
-def _ordered_indices(batch_order: Any, batch_size: int) -> tf.data.Dataset:
-    """Index batches drawn from `batch_order.epoch_batches()` on every iteration."""
-    if getattr(batch_order, "batch_size", None) != batch_size:
-        raise ValueError(
-            f"batch_order has batch_size={getattr(batch_order, 'batch_size', None)!r} but the "
-            f"dataset was asked for batch_size={batch_size}; they must match."
-        )
-
-    def generate():
-        yield from np.asarray(batch_order.epoch_batches(), np.int64)
-
-    indices = tf.data.Dataset.from_generator(
-        generate, output_signature=tf.TensorSpec([batch_size], tf.int64)
-    )
-    return indices.apply(tf.data.experimental.assert_cardinality(batch_order.num_batches))
+def step_seeds(seed: int, epoch: int, step: int) -> np.ndarray:
+    """The step's two augmentation seeds, int64 `[4]` (view 1: `[:2]`, view 2: `[2:]`)."""
+    state = np.random.SeedSequence([int(seed), int(epoch), int(step)]).generate_state(4)
+    return state.astype(np.int64)
 
 
 def make_two_view_dataset(
@@ -42,29 +38,30 @@ def make_two_view_dataset(
     augment: AugmentConfig | None = AugmentConfig(),
     seed: int = 0,
     shuffle: bool = True,
-    drop_remainder: bool = True,
     batch_order: Any = None,
+    start_epoch: int = 0,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """Batches of `{'index', 'view1', 'view2'}` over an in-memory image array.
 
     Args:
         images: float32 `[N, H, W, C]` in [0, 1] (an `ImageDataset`'s
             `train_images`).
-        batch_size: B ≥ 2 images per batch (2B views).
+        batch_size: B ≥ 2 images per batch (2B views); the `N mod B` images
+            left over sit out each epoch (static shapes).
         augment: augmentation strengths, or None for identical, un-augmented
             views (for tests with a frozen encoder).
-        seed: seeds the shuffle and the augmentations; re-iterating the
-            dataset (the next epoch) draws a new order and new views. As
-            everywhere in tf.data, the global seed (`keras.utils.set_random_seed`,
-            which the trainer calls first) also enters these draws.
-        shuffle: shuffle every epoch.
-        drop_remainder: drop the last partial batch (keeps shapes static).
-        batch_order: None for uniform shuffling, or an object choosing each
-            epoch's batches (e.g. `emc2_tf.SpectralBatchSelection`): it has
-            `batch_size`, `num_batches` and `epoch_batches()`, called once per
-            iteration of the dataset (once per epoch), returning
-            `[num_batches, B]` sample indices. `shuffle` and
-            `drop_remainder` are then the order's business.
+        seed: seeds the order and the augmentations; each iteration of the
+            dataset (the next epoch) draws a new order and new views.
+        shuffle: shuffle every epoch (ignored with a `batch_order`).
+        batch_order: None for uniform shuffling (`RandomBatchOrder`), or an
+            object choosing each epoch's batches (e.g.
+            `emc2_tf.SpectralBatchSelection`): it has `batch_size`,
+            `num_batches` and `epoch_batches(epoch) -> [num_batches, B]`
+            sample indices.
+        start_epoch: the epoch the first iteration yields.
+        start_step: > 0 makes the dataset the rest of epoch `start_epoch`
+            from that step (resuming mid-epoch; see `EpochSchedule`).
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -76,34 +73,47 @@ def make_two_view_dataset(
         raise ValueError(
             f"batch_size={batch_size} is larger than the data set ({num_images} images)."
         )
-    table = tf.constant(images, dtype=tf.float32)
-    if batch_order is not None:
-        indices = _ordered_indices(batch_order, batch_size)
-    else:
-        indices = tf.data.Dataset.range(num_images)
-        if shuffle:
-            indices = indices.shuffle(num_images, seed=seed, reshuffle_each_iteration=True)
-        indices = indices.batch(batch_size, drop_remainder=drop_remainder)
-    augmenter = None if augment is None else SimCLRAugment(augment)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(4)
+    if batch_order is None:
+        batch_order = RandomBatchOrder(num_images, batch_size, seed=seed, shuffle=shuffle)
+    elif getattr(batch_order, "batch_size", None) != batch_size:
+        raise ValueError(
+            f"batch_order has batch_size={getattr(batch_order, 'batch_size', None)!r} but the "
+            f"dataset was asked for batch_size={batch_size}; they must match."
+        )
+    schedule = EpochSchedule(batch_order, start_epoch, start_step)
+    seed = int(seed)
 
-    def to_views(index, seed_pair):
+    def generate():
+        for epoch, step, index in schedule.next_iteration():
+            yield index, step_seeds(seed, epoch, step)
+
+    steps = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec([batch_size], tf.int64),
+            tf.TensorSpec([4], tf.int64),
+        ),
+    ).apply(tf.data.experimental.assert_cardinality(schedule.steps_per_iteration))
+    table = tf.constant(images, dtype=tf.float32)
+    augmenter = None if augment is None else SimCLRAugment(augment)
+
+    def to_views(index, seeds):
         batch = tf.gather(table, index)
         if augmenter is None:
             view1 = view2 = batch
         else:
-            view1 = augmenter(batch, seed=seed_pair[:2])
-            view2 = augmenter(batch, seed=seed_pair[2:])
+            view1 = augmenter(batch, seed=seeds[:2])
+            view2 = augmenter(batch, seed=seeds[2:])
         return {"index": tf.cast(index, tf.int32), "view1": view1, "view2": view2}
 
-    dataset = tf.data.Dataset.zip(indices, seeds).map(
-        to_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    dataset = steps.map(to_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
-    # Under MultiWorkerMirroredStrategy every worker builds the same pipeline
+    # Under MultiWorkerMirroredStrategy every worker builds the same stream
     # (same seeds) and keeps its part of each global batch: sharding by data,
     # not by file (the images are in memory).
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    dataset.epoch_schedule = schedule  # ContrastiveModel.fit keeps it in step with Keras
+    return dataset

@@ -61,6 +61,22 @@ def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
+class _EpochScheduleSync(keras.callbacks.Callback):
+    """Tells a `make_two_view_dataset` stream which epoch Keras starts.
+
+    The dataset's iterator for an epoch is created after `on_epoch_begin`,
+    so the epoch's batches and views are those of Keras' epoch number
+    (`initial_epoch` included), however often the data was looked at before.
+    """
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.schedule.set_epoch(epoch)
+
+
 class ContrastiveModel(keras.Model):
     """Base class: a Keras model whose `train_step` optimises a contrastive loss.
 
@@ -272,9 +288,15 @@ class ContrastiveModel(keras.Model):
 
         The dataset must yield batches of `{'index', 'view1', 'view2'}`; a
         wrong structure, dtype, rank or an index outside `[0, dataset_size)`
-        raises one `ValueError` naming the problem.
+        raises one `ValueError` naming the problem. A dataset from
+        `make_two_view_dataset` yields Keras' epoch (`initial_epoch`
+        included): its batches and views depend on the epoch number only.
         """
         if isinstance(x, tf.data.Dataset):
+            schedule = getattr(x, "epoch_schedule", None)
+            if schedule is not None:
+                callbacks = list(kwargs.get("callbacks") or [])
+                kwargs["callbacks"] = [_EpochScheduleSync(schedule), *callbacks]
             self.check_global_batch(x)
             x = check_dataset(x, self.dataset_size)
             kwargs.setdefault("shuffle", False)  # a dataset's order is its own
