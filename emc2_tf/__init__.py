@@ -36,6 +36,7 @@ from emc2_tf.evaluation import (
     knn_accuracy,
     linear_probe_accuracy,
 )
+from emc2_tf.checkpoint import CheckpointError, TrainingCheckpoint, fit_with_checkpoints
 from emc2_tf.export import export_encoder
 from emc2_tf.losses import (
     dcl_loss,

@@ -1,0 +1,311 @@
+"""Crash-safe training checkpoints and exact resume.
+
+A checkpoint holds everything a run needs to continue as if it had never
+stopped:
+
+- the model's weights, which include every per-sample state (EMC²'s
+  `chain_index` / `chain_log_score`, SogCLR's `log_u`);
+- the optimizer (its slots and `iterations`, the global step: epoch and
+  step within the epoch follow from it and `steps_per_epoch`);
+- the model's `SeedGenerator` state (the MH uniforms);
+- the batch order's state, if it has one (`SpectralBatchSelection`'s
+  current selection).
+
+The data order and the augmentations are functions of `(seed, epoch, step)`
+(`make_two_view_dataset`), so nothing of the input pipeline needs saving:
+`fit_with_checkpoints` rebuilds the stream at the saved position. On CPU a
+resumed run then ends bit-identical to the uninterrupted one (the
+kill-and-resume test checks it); on GPU, kernels that are not deterministic
+(unless `tf.config.experimental.enable_op_determinism()`) make it equal up to
+float round-off.
+
+Why `tf.train.CheckpointManager` and not `keras.callbacks.BackupAndRestore`:
+Keras' callback overwrites one `.weights.h5` file in place (a kill during
+the write loses the only backup) and resumes at the start of the
+interrupted epoch. TensorFlow's checkpoint writes the shards to a temporary
+prefix, merges them, and only then points the `checkpoint` state file
+(written with an atomic rename) at the new checkpoint; a kill at any point
+leaves the previous checkpoint as the latest. The manager keeps the last
+`keep` and deletes older ones only after a new one is complete.
+
+Not saved: the running means of the logged metrics, so the epoch a run
+resumes in logs the mean of its steps after the resume only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+CHECKPOINT_NAME = "ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not belong to this run."""
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """The checkpoint prefixes in `directory` that the state file records, oldest first."""
+    state = tf.train.get_checkpoint_state(directory) if os.path.isdir(directory) else None
+    if state is None:
+        return []
+    return [
+        path if os.path.isabs(path) else os.path.join(directory, path)
+        for path in state.all_model_checkpoint_paths
+    ]
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint prefix `.../ckpt-<step>` was written at."""
+    match = re.search(rf"{CHECKPOINT_NAME}-(\d+)$", path)
+    if not match:
+        raise CheckpointError(
+            f"{path!r} is not a checkpoint prefix (expected '<directory>/{CHECKPOINT_NAME}-<step>')."
+        )
+    return int(match.group(1))
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Saves every `every_n_steps` steps, at each epoch end, at the end of
+    training and when the process receives SIGTERM or SIGINT; restores.
+
+    ```python
+    checkpoint = emc2_tf.TrainingCheckpoint("checkpoints/emc2", model, steps_per_epoch=22)
+    checkpoint.restore()  # the latest, if any: position (epoch, step)
+    emc2_tf.fit_with_checkpoints(model, make_dataset, epochs=30, checkpoint=checkpoint)
+    ```
+
+    On SIGTERM (a preemption notice) or SIGINT (Ctrl-C) the current step
+    finishes, a checkpoint is written, training stops and `interrupted`
+    holds the signal number; a second signal acts as usual (the handler is
+    the previous one again).
+
+    Args:
+        directory: where the checkpoints go (`ckpt-<global step>.*` and the
+            `checkpoint` state file).
+        model: a compiled `ContrastiveModel` (its optimizer must exist).
+        steps_per_epoch: batches per epoch; stored, and checked on restore
+            (a changed batch size would misplace the resume).
+        every_n_steps: also save every this many global steps (0 = only at
+            epoch ends, end of training and on a signal).
+        keep: how many recent checkpoints to keep.
+        batch_order: the dataset's batch order, saved too if it has a
+            `checkpoint_state` (`SpectralBatchSelection`).
+        handle_signals: install the SIGTERM/SIGINT handlers during `fit`.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        model: keras.Model,
+        steps_per_epoch: int,
+        every_n_steps: int = 0,
+        keep: int = 3,
+        batch_order: Any = None,
+        handle_signals: bool = True,
+    ):
+        super().__init__()
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be an integer ≥ 1; got {steps_per_epoch!r}.")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be an integer ≥ 0; got {every_n_steps!r}.")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer ≥ 1; got {keep!r}.")
+        if getattr(model, "optimizer", None) is None:
+            raise ValueError("compile the model before creating its TrainingCheckpoint "
+                             "(the optimizer's state is part of the checkpoint).")
+        self.directory = directory
+        self.steps_per_epoch = steps_per_epoch
+        self.every_n_steps = every_n_steps
+        self.handle_signals = handle_signals
+        self.interrupted: int | None = None
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._last_saved_step = -1
+        with model.distribute_strategy.scope():
+            self._steps_per_epoch = tf.Variable(steps_per_epoch, dtype=tf.int64, trainable=False)
+        items = {
+            "model": model,
+            "optimizer": model.optimizer,
+            "steps_per_epoch": self._steps_per_epoch,
+        }
+        seed_generator = getattr(model, "seed_generator", None)
+        if seed_generator is not None:
+            items["seed_generator"] = seed_generator.state
+        if getattr(batch_order, "checkpoint_state", None) is not None:
+            items["batch_order"] = batch_order.checkpoint_state
+        self.checkpoint = tf.train.Checkpoint(**items)
+        self._model_ref = model
+        write_directory = directory
+        strategy = model.distribute_strategy
+        from emc2_tf.distribute import is_chief
+
+        if not is_chief(strategy):
+            # Every worker must take part in a save under MultiWorkerMirroredStrategy;
+            # only the chief's copy is kept (TensorFlow's multi-worker recipe).
+            task = strategy.cluster_resolver.task_id
+            write_directory = os.path.join(directory, f".worker-{task}")
+        self._write_directory = write_directory
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, write_directory, max_to_keep=keep, checkpoint_name=CHECKPOINT_NAME
+        )
+
+    # Position -----------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        """Training steps taken so far (the optimizer's `iterations`)."""
+        return int(self._model_ref.optimizer.iterations.numpy())
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """`(epoch, step within the epoch)` of the next training step."""
+        return divmod(self.global_step, self.steps_per_epoch)
+
+    # Restore ------------------------------------------------------------------
+
+    def restore(self, path: str | None = None) -> str | None:
+        """Restores `path`, or the latest checkpoint in `directory`; returns its path.
+
+        Returns None (and changes nothing) when there is no checkpoint.
+        Raises `CheckpointError` with a one-line reason when the checkpoint
+        cannot be read (truncated or corrupt files), was written by a
+        different model, or with a different `steps_per_epoch`.
+        """
+        if path is None:
+            path = self.manager.latest_checkpoint if self._write_directory == self.directory \
+                else tf.train.latest_checkpoint(self.directory)
+            if path is None:
+                return None
+        others = [p for p in list_checkpoints(self.directory) if p != path]
+        hint = (f" Earlier checkpoints in {self.directory}: "
+                f"{', '.join(os.path.basename(p) for p in others)}; resume from one of them "
+                "explicitly." if others else "")
+        if not tf.io.gfile.exists(path + ".index"):
+            raise CheckpointError(f"checkpoint {path} does not exist (no {path}.index).{hint}")
+        try:
+            status = self.checkpoint.read(path)
+            status.assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError, KeyError, IndexError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if len(reason) > 300:
+                reason = reason[:300] + "…"
+            raise CheckpointError(
+                f"checkpoint {path} cannot be restored: {reason}. The file is truncated or "
+                f"corrupt, or it was written by a different model (method, encoder, data set "
+                f"size).{hint}"
+            ) from None
+        saved = int(self._steps_per_epoch.numpy())
+        if saved != self.steps_per_epoch:
+            raise CheckpointError(
+                f"checkpoint {path} was written with {saved} steps per epoch, this run has "
+                f"{self.steps_per_epoch}: the batch size or the data set changed; resume with "
+                "the flags the run was started with."
+            )
+        self._last_saved_step = self.global_step
+        return path
+
+    # Save ---------------------------------------------------------------------
+
+    def save(self) -> str:
+        """Writes a checkpoint at the current global step; returns its path."""
+        step = self.global_step
+        self._steps_per_epoch.assign(self.steps_per_epoch)
+        path = self.manager.save(checkpoint_number=step)
+        self._last_saved_step = step
+        if self._write_directory != self.directory:
+            shutil.rmtree(self._write_directory, ignore_errors=True)
+            path = os.path.join(self.directory, os.path.basename(path))
+        return path
+
+    def _save_if_new(self) -> None:
+        if self.global_step != self._last_saved_step:
+            self.save()
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+        # A second signal acts as it would without us (e.g. Ctrl-C twice).
+        signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
+
+    def on_train_begin(self, logs=None):
+        self.interrupted = None
+        self._signal = None
+        if self.handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                except ValueError:  # not the main thread: leave signals alone
+                    break
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._signal is not None:
+            self.save()
+            self.interrupted = self._signal
+            self.model.stop_training = True
+        elif self.every_n_steps and self.global_step % self.every_n_steps == 0:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save_if_new()
+
+    def on_train_end(self, logs=None):
+        if self._signal is not None and self.interrupted is None:
+            self.interrupted = self._signal  # arrived after the last step
+        self._save_if_new()
+        for signum, handler in self._previous_handlers.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+def fit_with_checkpoints(
+    model: keras.Model,
+    make_dataset: Callable[[int, int], tf.data.Dataset],
+    epochs: int,
+    checkpoint: TrainingCheckpoint,
+    callbacks: list | None = None,
+    verbose: Any = "auto",
+) -> dict[str, list]:
+    """`model.fit` from the checkpoint's position to `epochs`; returns the history.
+
+    Args:
+        make_dataset: `(start_epoch, start_step) -> dataset`, e.g.
+            `lambda e, k: make_two_view_dataset(images, B, seed=0,
+            start_epoch=e, start_step=k)`.
+        epochs: the run's total epochs.
+        checkpoint: restored (or fresh) `TrainingCheckpoint`; it is added to
+            the callbacks.
+
+    A run interrupted mid-epoch first finishes that epoch (one `fit` over
+    the rest of it), then trains the remaining epochs. Stops early if a
+    signal interrupted training (`checkpoint.interrupted`).
+    """
+    epoch, step = checkpoint.position
+    history: dict[str, list] = {}
+    spans = []
+    if step:
+        spans.append((epoch, step, epoch + 1))
+        epoch += 1
+    if epoch < epochs:
+        spans.append((epoch, 0, epochs))
+    for start_epoch, start_step, end_epoch in spans:
+        if start_epoch >= epochs:
+            break
+        result = model.fit(
+            make_dataset(start_epoch, start_step),
+            initial_epoch=start_epoch,
+            epochs=end_epoch,
+            callbacks=[checkpoint, *(callbacks or [])],
+            verbose=verbose,
+        )
+        for key, values in result.history.items():
+            history.setdefault(key, []).extend(values)
+        if checkpoint.interrupted is not None:
+            break
+    return history
