@@ -19,7 +19,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m trainers.train --method=emc2 --dataset=digits
+	$(PY) -m trainers.train --method=emc2 --dataset=digits --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs tests
@@ -29,4 +29,4 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -rs tests --run-heavy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs checkpoints .pytest_cache

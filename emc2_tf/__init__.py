@@ -36,7 +36,12 @@ from emc2_tf.evaluation import (
     knn_accuracy,
     linear_probe_accuracy,
 )
-from emc2_tf.checkpoint import CheckpointError, TrainingCheckpoint, fit_with_checkpoints
+from emc2_tf.checkpoint import (
+    CheckpointError,
+    TrainingCheckpoint,
+    fit_with_checkpoints,
+    list_checkpoints,
+)
 from emc2_tf.export import export_encoder
 from emc2_tf.losses import (
     dcl_loss,
@@ -57,6 +62,7 @@ from emc2_tf.models import (
     SogCLRModel,
     build_model,
 )
+from emc2_tf.tensorboard import TrainingScalars, export_projector, read_scalars
 from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan
 
 __version__ = "0.1.0"

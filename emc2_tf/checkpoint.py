@@ -170,13 +170,14 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     # Restore ------------------------------------------------------------------
 
-    def restore(self, path: str | None = None) -> str | None:
+    def restore(self, path: str | None = None, check_steps_per_epoch: bool = True) -> str | None:
         """Restores `path`, or the latest checkpoint in `directory`; returns its path.
 
         Returns None (and changes nothing) when there is no checkpoint.
         Raises `CheckpointError` with a one-line reason when the checkpoint
         cannot be read (truncated or corrupt files), was written by a
-        different model, or with a different `steps_per_epoch`.
+        different model, or (unless `check_steps_per_epoch` is False, e.g.
+        to evaluate or export it) with a different `steps_per_epoch`.
         """
         if path is None:
             path = self.manager.latest_checkpoint if self._write_directory == self.directory \
@@ -189,9 +190,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 "explicitly." if others else "")
         if not tf.io.gfile.exists(path + ".index"):
             raise CheckpointError(f"checkpoint {path} does not exist (no {path}.index).{hint}")
+        model = self._model_ref
+        if not model.optimizer.built:  # its slots must exist to be restored, not deferred
+            with model.distribute_strategy.scope():
+                model.optimizer.build(model.trainable_variables)
         try:
             status = self.checkpoint.read(path)
-            status.assert_existing_objects_matched()
+            status.assert_existing_objects_matched().expect_partial()  # save_counter
         except (tf.errors.OpError, ValueError, AssertionError, KeyError, IndexError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if len(reason) > 300:
@@ -202,7 +207,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 f"size).{hint}"
             ) from None
         saved = int(self._steps_per_epoch.numpy())
-        if saved != self.steps_per_epoch:
+        if check_steps_per_epoch and saved != self.steps_per_epoch:
             raise CheckpointError(
                 f"checkpoint {path} was written with {saved} steps per epoch, this run has "
                 f"{self.steps_per_epoch}: the batch size or the data set changed; resume with "

@@ -4,7 +4,8 @@ Layout: `<export_dir>/<model_name>/<version>/` holding `saved_model.pb` and
 `variables/`; `version` is the next integer after the highest present (TF
 Serving serves the highest). The version is written into a hidden temporary
 folder beside it and renamed into place, so a model server never sees a
-half-written version.
+half-written version; a staging folder left by a killed exporter is removed
+by the next export.
 
 Serving contract: signature `serving_default` takes `images`, float32
 `[batch, H, W, C]` with values in [0, 1], and returns `embedding`, float32
@@ -23,6 +24,27 @@ import tensorflow as tf
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
+
+
+STAGING_PREFIX = ".tmp-export-"
+
+
+def _remove_stale_staging(model_dir: str) -> None:
+    """Deletes staging folders of exporters that died (killed mid-write).
+
+    A staging folder is named `.tmp-export-<pid>-<random>`; TF Serving
+    ignores it (not an integer), and it is removed once its process is gone.
+    """
+    for name in os.listdir(model_dir):
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        try:
+            pid = int(name[len(STAGING_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or another user's live process
 
 
 def existing_versions(model_dir: str) -> list[int]:
@@ -55,7 +77,8 @@ def export_encoder(
 
     archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
 
-    staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir)
+    _remove_stale_staging(model_dir)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir)
     try:
         archive.write_out(staging, verbose=False)
         while True:

@@ -11,7 +11,7 @@ from helpers import ROOT, parse_summary, run_python
 def test_train_cli_trains_evaluates_and_exports(tmp_path):
     result = run_python(["-m", "trainers.train", "--epochs=2", "--batch_size=32", "--eval_every=1",
                    f"--export_dir={tmp_path / 'sm'}", f"--tensorboard_dir={tmp_path / 'tb'}",
-                   "--temperature=0.1"], cwd=ROOT)
+                   "--temperature=0.1", f"--checkpoint_dir={tmp_path / 'ck'}"], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert summary["knn_accuracy"] > 0.8 and summary["linear_probe_accuracy"] > 0.8
@@ -20,6 +20,9 @@ def test_train_cli_trains_evaluates_and_exports(tmp_path):
     assert os.path.isfile(os.path.join(summary["export_path"], "saved_model.pb"))
     assert "held-out 1-NN accuracy" in result.stdout
     assert os.listdir(tmp_path / "tb" / "emc2")  # TensorBoard event files
+    assert sorted(os.listdir(tmp_path / "ck")) == [
+        "checkpoint", "ckpt-44.data-00000-of-00001", "ckpt-44.index", "ckpt-88.data-00000-of-00001",
+        "ckpt-88.index", "flags.txt"]
 
 
 def test_cli_rejects_bad_flags_with_one_clear_line(tmp_path):
@@ -54,7 +57,7 @@ def test_train_cli_on_real_fashion_mnist(tmp_path):
         pytest.fail("apt-get install dataset-fashion-mnist first")
     result = run_python(["-m", "trainers.train", "--dataset=fashion_mnist", "--epochs=1",
                    "--batch_size=256", "--eval_every=0", f"--export_dir={tmp_path}",
-                   "--tensorboard_dir="], cwd=ROOT, timeout=1800)
+                   "--tensorboard_dir=", "--checkpoint_dir="], cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert summary["knn_accuracy"] > 0.7, summary  # 10 classes: chance is 0.1

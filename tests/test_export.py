@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,79 @@ def test_saved_model_cli_lists_the_signature(encoder, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "inputs['images']" in shown.stdout and "outputs['embedding']" in shown.stdout
     assert "shape: (-1, 8, 8, 1)" in shown.stdout and "DT_FLOAT" in shown.stdout
+
+
+def test_saved_model_cli_run_matches_keras(encoder, tmp_path):
+    path = emc2_tf.export_encoder(encoder, str(tmp_path), "m")
+    images = _images(7, seed=3)
+    np.save(tmp_path / "images.npy", images)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    ran = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default",
+         "--inputs", f"images={tmp_path / 'images.npy'}", "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    served = np.load(tmp_path / "out" / "embedding.npy")
+    assert served.shape == (7, 64)
+    assert np.max(np.abs(served - encoder(images, training=False).numpy())) <= 1e-5
+
+
+_KILLED_EXPORTER = """
+import os, sys, time
+import keras
+import emc2_tf
+def stalled_rename(source, target):  # the SavedModel is written; the rename never comes
+    print("written", flush=True)
+    time.sleep(600)
+os.rename = stalled_rename
+keras.utils.set_random_seed(0)
+emc2_tf.export_encoder(emc2_tf.build_small_cnn_encoder((8, 8, 1)), sys.argv[1], "m")
+"""
+
+
+def test_export_killed_by_sigkill_leaves_no_version(encoder, tmp_path):
+    """SIGKILL after the SavedModel is written but before the rename: no version
+    folder exists; the next export is version 1 and removes the dead staging folder."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORTER, str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout.readline().strip() == "written", process.stderr.read()[-2000:]
+        staging = [name for name in os.listdir(tmp_path / "m") if name.startswith(".tmp-export-")]
+        assert len(staging) == 1
+        assert os.path.isfile(tmp_path / "m" / staging[0] / "saved_model.pb")
+    finally:
+        process.kill()
+        process.communicate()
+    assert emc2_tf.export.existing_versions(str(tmp_path / "m")) == []
+    assert emc2_tf.export_encoder(encoder, str(tmp_path), "m").endswith(os.path.join("m", "1"))
+    assert sorted(os.listdir(tmp_path / "m")) == ["1"]
+
+
+def test_readme_serving_example(encoder, tmp_path):
+    """The README's request JSON, fed to the loaded signature, gives the documented response."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"),
+                  encoding="utf-8").read()
+    section = readme.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    assert ("docker run -p 8501:8501 -v $PWD/savedmodels/emc2:/models/emc2 -e MODEL_NAME=emc2 "
+            "tensorflow/serving") in section
+    request_text = re.search(r"```json\n(\{\"signature_name\".*?)```", section, re.S).group(1)
+    request = json.loads(request_text)
+    assert "curl -X POST localhost:8501/v1/models/emc2:predict -d @request.json" in section
+    path = emc2_tf.export_encoder(encoder, str(tmp_path), "emc2")
+    serve = tf.saved_model.load(path).signatures[request["signature_name"]]
+    instances = np.asarray(request["instances"], np.float32)
+    assert instances.shape == (1, 8, 8, 1)
+    predictions = serve(images=tf.constant(instances))["embedding"].numpy()
+    response = json.loads(json.dumps({"predictions": predictions.tolist()}))
+    documented = re.search(r'\{"predictions": \[\[(.*?)\]\]\}', section).group(1)
+    assert "64 numbers" in documented  # the README states the shape: one row of 64
+    assert np.asarray(response["predictions"]).shape == (1, 64)
+    np.testing.assert_allclose(np.linalg.norm(response["predictions"], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(response["predictions"],
+                               encoder(instances, training=False).numpy(), atol=1e-5)
 
 
 def test_tf_serving_rest_contract(encoder, tmp_path):

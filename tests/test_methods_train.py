@@ -65,7 +65,8 @@ def test_fit_two_epochs_lowers_the_methods_full_data_loss(method, digits, fixed_
 def test_cli_trains_each_method(method, tmp_path):
     result = run_python(
         ["-m", "trainers.train", f"--method={method}", "--epochs=2", "--temperature=0.2",
-         "--eval_every=0", f"--export_dir={tmp_path}", "--tensorboard_dir="])
+         "--eval_every=0", f"--export_dir={tmp_path}", "--tensorboard_dir=",
+         f"--checkpoint_dir={tmp_path / 'ck'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert np.isfinite(summary["final_loss"]) and summary["knn_accuracy"] > 0.5
@@ -77,7 +78,8 @@ def test_cli_trains_each_method(method, tmp_path):
 def test_cli_spectral_batch_selection_with_sogclr(tmp_path):
     result = run_python(
         ["-m", "trainers.train", "--method=sogclr", "--batch_selection=spectral", "--epochs=2",
-         "--spectral_every=2", "--eval_every=0", "--export=false", "--tensorboard_dir="])
+         "--spectral_every=2", "--eval_every=0", "--export=false", "--tensorboard_dir=",
+         f"--checkpoint_dir={tmp_path / 'ck'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("spectral batch selection (epoch") == 1  # every 2 epochs
     summary = parse_summary(result.stdout)

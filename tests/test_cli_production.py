@@ -1,0 +1,247 @@
+"""The production path through the CLIs: kill and resume, corrupt checkpoints,
+flag files, evaluate/export, TensorBoard scalars.
+
+Reference: EMC² on digits, 3 epochs of 22 steps, checkpoint every 5 steps.
+A run killed (SIGKILL) or stopped (SIGTERM) mid-epoch and resumed with
+`--resume` must end with the same weights, chain tables and global step,
+compared by the trainer's SHA-256 `state_digest`.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, parse_summary, run_python
+
+EPOCHS, STEPS = 3, 22  # digits: 1437 // 64 = 22 steps per epoch
+TRAIN = ["-m", "trainers.train", f"--epochs={EPOCHS}", "--checkpoint_every_steps=5",
+         "--eval_every=0", "--export=false"]
+
+
+def _train(tmp, *extra, name="ck"):
+    return run_python([*TRAIN, f"--checkpoint_dir={tmp / name}", "--tensorboard_dir=", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    result = run_python([*TRAIN, f"--checkpoint_dir={tmp / 'ck'}",
+                         f"--tensorboard_dir={tmp / 'tb'}", "--eval_every=1",
+                         "--log_every_steps=11", "--model_name=ref"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = parse_summary(result.stdout)
+    assert summary["global_step"] == EPOCHS * STEPS
+    return tmp, summary
+
+
+def _latest_step(directory):
+    state = os.path.join(directory, "checkpoint")
+    if not os.path.isfile(state):
+        return -1
+    with open(state) as handle:
+        first = handle.readline()
+    return int(first.rsplit("ckpt-", 1)[1].strip().strip('"')) if "ckpt-" in first else -1
+
+
+def _start_training(tmp):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen(
+        [sys.executable, *TRAIN, f"--checkpoint_dir={tmp / 'ck'}", "--tensorboard_dir="],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(process, directory, at_least, timeout=240):
+    deadline = time.time() + timeout
+    while _latest_step(directory) < at_least:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    _, expected = reference
+    process = _start_training(tmp_path)
+    try:
+        _wait_for_checkpoint(process, tmp_path / "ck", 25)  # epoch 2, step 3
+        process.kill()  # SIGKILL: no handler runs, nothing is flushed
+    finally:
+        process.kill()
+        process.communicate()
+    killed_at = _latest_step(tmp_path / "ck")
+    assert 25 <= killed_at < EPOCHS * STEPS
+    result = _train(tmp_path, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = parse_summary(result.stdout)
+    assert summary["resumed_from"].endswith(f"ckpt-{killed_at}")
+    epoch, step = divmod(killed_at, STEPS)
+    assert f"resuming from {summary['resumed_from']}: epoch {epoch + 1}, step {step}/{STEPS}" in (
+        result.stdout)
+    # Weights, EMC² chain tables and step count are those of the uninterrupted run.
+    assert summary["global_step"] == expected["global_step"] == EPOCHS * STEPS
+    assert summary["state_digest"] == expected["state_digest"]
+    print(f"\nkilled with SIGKILL after ckpt-{killed_at} (epoch {epoch + 1}, step {step}); "
+          f"resumed digest {summary['state_digest']} == uninterrupted {expected['state_digest']}")
+
+
+def test_sigterm_saves_at_the_current_step_and_resume_matches(reference, tmp_path):
+    _, expected = reference
+    process = _start_training(tmp_path)
+    try:
+        _wait_for_checkpoint(process, tmp_path / "ck", 5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("train:")]
+    assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0] and "--resume" in lines[0]
+    stopped_at = _latest_step(tmp_path / "ck")
+    assert f"ckpt-{stopped_at}" in lines[0] and 5 <= stopped_at < EPOCHS * STEPS
+    result = _train(tmp_path, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = parse_summary(result.stdout)
+    assert summary["resumed_from"].endswith(f"ckpt-{stopped_at}")
+    assert summary["state_digest"] == expected["state_digest"]
+
+
+def _digest(directory):
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(directory)) if (directory / name).is_file()}
+
+
+def test_corrupt_checkpoint_is_one_line_and_the_good_ones_stay(reference, tmp_path):
+    result = _train(tmp_path, "--epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory = tmp_path / "ck"
+    latest = directory / "ckpt-22.data-00000-of-00001"
+    with open(latest, "r+b") as handle:
+        handle.truncate(os.path.getsize(latest) // 3)
+    before = _digest(directory)
+    for command in ([*TRAIN, f"--checkpoint_dir={directory}", "--tensorboard_dir=", "--resume"],
+                    ["-m", "trainers.evaluate", f"--checkpoint_dir={directory}"],
+                    ["-m", "trainers.export", f"--checkpoint_dir={directory}",
+                     f"--export_dir={tmp_path / 'sm'}"]):
+        result = run_python(command)
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "ckpt-22 cannot be restored" in errors[0] and "ckpt-20" in errors[0], errors[0]
+        assert _digest(directory) == before  # nothing overwritten
+    assert not (tmp_path / "sm").exists() or not os.listdir(tmp_path / "sm")
+    # The good checkpoint the message names still works.
+    result = _train(tmp_path, f"--resume_from={directory / 'ckpt-20'}", "--epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert parse_summary(result.stdout)["global_step"] == 22
+
+
+def test_run_folder_guards_and_flagfile_repeat_the_run(reference, tmp_path):
+    ref_dir, expected = reference
+    # A second run into a folder with checkpoints is refused, naming the ways out.
+    result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--tensorboard_dir="])
+    assert result.returncode == 2
+    assert "holds checkpoints of an earlier run (latest ckpt-66); pass --resume" in result.stderr
+    # --resume refuses a changed run-defining flag.
+    result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--resume",
+                         "--batch_size=32"])
+    assert result.returncode == 2 and "--batch_size=32 differs from the run's --batch_size=64" in (
+        result.stderr)
+    # The saved flags.txt repeats the run bit for bit (flags after it override it).
+    flags_file = ref_dir / "ck" / "flags.txt"
+    text = flags_file.read_text()
+    assert "--method=emc2" in text and "--batch_size=64" in text and "--resume" not in text
+    assert "--gamma" not in text  # another method's option would be refused
+    result = run_python(["-m", "trainers.train", f"--flagfile={flags_file}",
+                         f"--checkpoint_dir={tmp_path / 'ck'}", "--tensorboard_dir=",
+                         "--eval_every=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert parse_summary(result.stdout)["state_digest"] == expected["state_digest"]
+    # --overwrite starts afresh in the same folder (and ends the same).
+    result = _train(tmp_path, "--overwrite")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = parse_summary(result.stdout)
+    assert summary["resumed_from"] is None and summary["state_digest"] == expected["state_digest"]
+
+
+def test_tensorboard_scalars(reference):
+    import emc2_tf
+
+    ref_dir, summary = reference
+    scalars = emc2_tf.read_scalars(str(ref_dir / "tb" / "ref"))
+    steps = [STEPS * (epoch + 1) for epoch in range(EPOCHS)]
+    for tag in ("train/loss", "train/acceptance_rate", "train/out_of_batch_fraction",
+                "train/learning_rate", "train/seconds_per_step", "train/knn_accuracy"):
+        assert [step for step, _ in scalars[tag]] == steps, tag  # against the global step
+    assert scalars["train/loss"][-1][1] == pytest.approx(summary["final_loss"], rel=1e-6)
+    assert scalars["train/acceptance_rate"][-1][1] == pytest.approx(summary["acceptance_rate"],
+                                                                    rel=1e-6)
+    assert all(value == pytest.approx(1e-3) for _, value in scalars["train/learning_rate"])
+    assert all(0 < value < 5 for _, value in scalars["train/seconds_per_step"])
+    assert all(0.5 < value <= 1 for _, value in scalars["train/knn_accuracy"])
+    # --log_every_steps=11: running values twice per epoch.
+    assert [step for step, _ in scalars["step/loss"]] == list(range(11, EPOCHS * STEPS + 1, 11))
+
+
+def test_evaluate_and_export_a_checkpoint(reference, tmp_path):
+    ref_dir, summary = reference
+    result = run_python(["-m", "trainers.evaluate", f"--checkpoint_dir={ref_dir / 'ck'}",
+                         f"--output_json={tmp_path / 'eval.json'}",
+                         f"--projector_dir={tmp_path / 'projector'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = parse_summary(result.stdout.replace("evaluation: ", "summary: "))
+    # The restored encoder evaluates exactly as the trained one did.
+    assert evaluation["knn_accuracy"] == summary["knn_accuracy"]
+    assert evaluation["linear_probe_accuracy"] == pytest.approx(summary["linear_probe_accuracy"],
+                                                                abs=1e-9)
+    assert evaluation["global_step"] == EPOCHS * STEPS
+    assert (tmp_path / "eval.json").is_file()
+    assert (tmp_path / "projector" / "projector_config.pbtxt").is_file()
+    labels = (tmp_path / "projector" / "embedding_metadata.tsv").read_text().split()
+    assert len(labels) == 360
+
+    for version in (1, 2):  # exporting twice gives versions 1 and 2
+        result = run_python(["-m", "trainers.export", f"--checkpoint_dir={ref_dir / 'ck'}",
+                             f"--export_dir={tmp_path / 'sm'}"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"exported encoder: {tmp_path / 'sm' / 'ref' / str(version)}" in result.stdout
+    assert sorted(os.listdir(tmp_path / "sm" / "ref")) == ["1", "2"]
+    # The export serves the same embedding the checkpoint gives.
+    served = run_python(["-m", "trainers.evaluate", f"--saved_model={tmp_path / 'sm' / 'ref' / '1'}",
+                         "--linear_probe=false"])
+    from_checkpoint = run_python(["-m", "trainers.evaluate", f"--checkpoint_dir={ref_dir / 'ck'}",
+                                  "--features=embedding", "--linear_probe=false"])
+    assert served.returncode == 0 and from_checkpoint.returncode == 0, served.stderr[-2000:]
+    served = parse_summary(served.stdout.replace("evaluation: ", "summary: "))
+    from_checkpoint = parse_summary(from_checkpoint.stdout.replace("evaluation: ", "summary: "))
+    assert served["knn_accuracy"] == from_checkpoint["knn_accuracy"]
+
+
+@pytest.mark.parametrize("program,args,message", [
+    ("evaluate", [], "give exactly one of --checkpoint_dir"),
+    ("evaluate", ["--checkpoint_dir=/nonexistent"], "/nonexistent/flags.txt does not exist"),
+    ("evaluate", ["--saved_model=/nonexistent"], "is not a SavedModel folder"),
+    ("export", ["--checkpoint_dir=/nonexistent"], "/nonexistent/flags.txt does not exist"),
+    ("train", ["--resume", "--checkpoint_dir=/nonexistent"], "nothing to resume"),
+    ("train", ["--checkpoint_every_steps=-1"], "--checkpoint_every_steps must be ≥ 0"),
+    ("train", ["--model_name=a/b"], "--model_name must be a plain folder name"),
+])
+def test_bad_flags_are_one_line(program, args, message):
+    result = run_python(["-m", f"trainers.{program}", *args])
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_helpfull_documents_every_flag():
+    result = run_python(["-m", "trainers.train", "--helpfull"])
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    for flag in ("--checkpoint_every_steps", "--keep_checkpoints", "--resume_from",
+                 "--[no]overwrite", "--log_every_steps", "--[no]projector", "--flagfile"):
+        assert flag in text, flag
+    assert "Continue the run in --checkpoint_dir from its latest checkpoint" in text

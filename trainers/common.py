@@ -1,0 +1,126 @@
+"""What `train`, `evaluate` and `export` share: one-line errors, and building a
+run's data, encoder and model from its training flags."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from emc2_tf.models import METHODS, method_options
+
+#: Flags that configure one method's constructor option: flag → (option, value).
+METHOD_FLAGS = {
+    "burn_in": ("burn_in", lambda v: None if v < 0 else v),
+    "exact_ratio": ("exact_ratio", bool),
+    "gamma": ("gamma", float),
+}
+
+
+def fail(program: str, message: str) -> NoReturn:
+    """Exits with a one-line error instead of a stack trace."""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_method_flags(program: str, run_flags) -> None:
+    """Refuses a method-specific flag given for a method that has no such option."""
+    accepted = method_options(run_flags.method)
+    for flag, (option, _) in METHOD_FLAGS.items():
+        if run_flags[flag].present and option not in accepted:
+            users = sorted(m for m in METHODS if option in method_options(m))
+            fail(program, f"--{flag} is not an option of --method={run_flags.method}; it "
+                          f"applies to --method={'|'.join(users)}.")
+
+
+def method_arguments(run_flags, data) -> dict:
+    """The constructor options the run's method declares, filled from the flags and data."""
+    accepted = method_options(run_flags.method)
+    arguments = {"seed": run_flags.seed}
+    if "images" in accepted:
+        arguments["images"] = data.train_images
+    if run_flags.temperature is not None:
+        arguments["temperature"] = run_flags.temperature
+    for flag, (option, convert) in METHOD_FLAGS.items():
+        if option in accepted:
+            arguments[option] = convert(run_flags[flag].value)
+    return arguments
+
+
+def model_name(run_flags) -> str:
+    return run_flags.model_name or run_flags.method
+
+
+def checkpoint_dir(run_flags) -> str:
+    """The run's checkpoint folder ('' = checkpoints off)."""
+    if run_flags.checkpoint_dir is None:
+        return os.path.join("checkpoints", model_name(run_flags))
+    return run_flags.checkpoint_dir
+
+
+def load_data(program: str, dataset: str, data_dir: str | None):
+    import emc2_tf
+
+    try:
+        return emc2_tf.load_dataset(dataset, data_dir)
+    except (FileNotFoundError, ValueError) as error:
+        fail(program, f"--dataset={dataset}: {error}")
+
+
+@dataclass
+class Run:
+    """A run's pieces, built from its training flags."""
+
+    data: Any
+    encoder: Any
+    encoder_name: str
+    model: Any
+
+
+def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
+    """Builds the data set, encoder and compiled model the flags describe.
+
+    Weights are freshly initialised (seeded); restore a checkpoint into
+    `run.model` for trained ones.
+    """
+    import keras
+    import tensorflow as tf
+
+    import emc2_tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    if data is None:
+        data = load_data(program, run_flags.dataset, run_flags.data_dir)
+    encoder_name = run_flags.encoder
+    if encoder_name == "auto":
+        encoder_name = "small_cnn" if max(data.image_shape[:2]) <= 28 else "resnet18"
+    keras.utils.set_random_seed(run_flags.seed)
+    with strategy.scope():
+        encoder = emc2_tf.build_encoder(encoder_name, data.image_shape)
+        try:
+            model = emc2_tf.build_model(
+                run_flags.method, encoder=encoder, dataset_size=data.num_train,
+                **method_arguments(run_flags, data),
+            )
+        except ValueError as error:
+            fail(program, str(error))
+        model.compile(optimizer=keras.optimizers.Adam(run_flags.learning_rate),
+                      jit_compile=run_flags.jit_compile)
+    return Run(data=data, encoder=encoder, encoder_name=encoder_name, model=model)
+
+
+def restore_trained(program: str, run: Run, directory: str, checkpoint: str | None) -> str:
+    """Restores a run's checkpoint (the latest, or `checkpoint`) into `run.model`; returns its path."""
+    import emc2_tf
+
+    saver = emc2_tf.TrainingCheckpoint(
+        directory, run.model, steps_per_epoch=1, handle_signals=False)
+    try:
+        path = saver.restore(checkpoint, check_steps_per_epoch=False)
+    except emc2_tf.CheckpointError as error:
+        fail(program, str(error))
+    if path is None:
+        fail(program, f"--checkpoint_dir={directory} holds no checkpoint yet (train writes one "
+                      "at each epoch end).")
+    return path

@@ -1,0 +1,131 @@
+r"""Evaluate a trained encoder: held-out 1-NN and linear-probe accuracy.
+
+    python -m trainers.evaluate --checkpoint_dir=checkpoints/emc2
+    python -m trainers.evaluate --checkpoint_dir=checkpoints/emc2 --checkpoint=checkpoints/emc2/ckpt-440
+    python -m trainers.evaluate --saved_model=savedmodels/emc2/1 --dataset=digits
+
+From a checkpoint the run's `flags.txt` rebuilds the model (method,
+encoder, data set) and the frozen `backbone` features are evaluated, as
+after training; from an exported SavedModel the `serving_default`
+signature's `embedding` is. Prints one line per metric and a final
+`evaluation: {...}` JSON line (also written to `--output_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainers.common import build_run, fail as _fail, load_data, restore_trained  # noqa: E402
+from trainers.run_flags import read_flags_file  # noqa: E402
+
+PROGRAM = "evaluate"
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint_dir", None, "A training run's checkpoint folder (holds flags.txt).")
+flags.DEFINE_string("checkpoint", None,
+                    "A checkpoint prefix in --checkpoint_dir (e.g. .../ckpt-440); default the latest.")
+flags.DEFINE_string("saved_model", None,
+                    "Evaluate an exported SavedModel version folder instead (its `embedding`).")
+flags.DEFINE_string("dataset", None,
+                    "Data set to evaluate on; default the run's (--saved_model: digits).")
+flags.DEFINE_string("data_dir", None, "Its data folder; default the run's.")
+flags.DEFINE_enum("features", "backbone", ["backbone", "embedding"],
+                  "Checkpoints: evaluate the backbone representation (the papers' protocol) "
+                  "or the L2-normalised embedding.")
+flags.DEFINE_bool("linear_probe", True, "Also fit the linear probe (logistic regression).")
+flags.DEFINE_string("projector_dir", None,
+                    "Also write the held-out embeddings and labels here for TensorBoard's projector.")
+flags.DEFINE_string("output_json", None, "Also write the results to this JSON file.")
+
+
+def fail(message: str):
+    _fail(PROGRAM, message)
+
+
+def saved_model_embedder(path: str):
+    """`images -> embedding` through a SavedModel's serving_default signature."""
+    import numpy as np
+    import tensorflow as tf
+
+    from emc2_tf.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
+
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        fail(f"--saved_model={path} is not a SavedModel folder (no saved_model.pb); give a "
+             "version folder such as savedmodels/emc2/1.")
+    try:
+        loaded = tf.saved_model.load(path)
+        signature = loaded.signatures[SIGNATURE]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
+        fail(f"--saved_model={path} cannot be loaded: {str(error).splitlines()[0]}")
+
+    def embed(images, batch_size: int = 512):
+        chunks = [
+            signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME]
+            .numpy() for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks)
+
+    return embed
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
+    logging.set_verbosity(logging.WARNING)
+    if (FLAGS.checkpoint_dir is None) == (FLAGS.saved_model is None):
+        fail("give exactly one of --checkpoint_dir (a training run) or --saved_model (an export).")
+    import emc2_tf
+
+    results = {}
+    if FLAGS.checkpoint_dir is not None:
+        try:
+            run_flags = read_flags_file(FLAGS.checkpoint_dir)
+        except (FileNotFoundError, ValueError) as error:
+            fail(f"--checkpoint_dir={FLAGS.checkpoint_dir}: {error}")
+        dataset = FLAGS.dataset or run_flags.dataset
+        data_dir = FLAGS.data_dir if FLAGS.data_dir is not None else run_flags.data_dir
+        run_data = load_data(PROGRAM, run_flags.dataset, run_flags.data_dir)
+        run = build_run(PROGRAM, run_flags, data=run_data)
+        path = restore_trained(PROGRAM, run, FLAGS.checkpoint_dir, FLAGS.checkpoint)
+        data = run_data if dataset == run_flags.dataset else load_data(PROGRAM, dataset, data_dir)
+        if data.image_shape != run_data.image_shape:
+            fail(f"--dataset={dataset} has {data.image_shape} images; the encoder takes "
+                 f"{run_data.image_shape}.")
+
+        def embed(images):
+            return emc2_tf.embed(run.encoder, images, features=FLAGS.features)
+
+        results.update(checkpoint=path, method=run_flags.method, features=FLAGS.features,
+                       global_step=int(run.model.optimizer.iterations.numpy()))
+    else:
+        dataset = FLAGS.dataset or "digits"
+        data = load_data(PROGRAM, dataset, FLAGS.data_dir)
+        embed = saved_model_embedder(FLAGS.saved_model)
+        results.update(saved_model=FLAGS.saved_model, features="embedding")
+    try:
+        train, test = embed(data.train_images), embed(data.test_images)
+    except Exception as error:  # e.g. a SavedModel for another image shape
+        fail(f"embedding the {data.name} images failed: {str(error).splitlines()[0]}")
+    results["dataset"] = data.name
+    results["knn_accuracy"] = emc2_tf.knn_accuracy(train, data.train_labels, test,
+                                                   data.test_labels)
+    if FLAGS.linear_probe:
+        results["linear_probe_accuracy"] = emc2_tf.linear_probe_accuracy(
+            train, data.train_labels, test, data.test_labels)
+    if FLAGS.projector_dir:
+        results["projector"] = emc2_tf.export_projector(test, data.test_labels, FLAGS.projector_dir)
+    print(f"held-out 1-NN accuracy:         {results['knn_accuracy']:.4f}")
+    if "linear_probe_accuracy" in results:
+        print(f"held-out linear-probe accuracy: {results['linear_probe_accuracy']:.4f}")
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True)
+    print("evaluation: " + json.dumps(results, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,63 @@
+r"""Export a training run's encoder as the next SavedModel version for TF Serving.
+
+    python -m trainers.export --checkpoint_dir=checkpoints/emc2
+    python -m trainers.export --checkpoint_dir=checkpoints/emc2 --checkpoint=checkpoints/emc2/ckpt-440 \
+        --export_dir=savedmodels --model_name=emc2
+
+Writes `<export_dir>/<model_name>/<next version>/` (`saved_model.pb`,
+`variables/`, signature `serving_default`: `images` → L2-normalised
+`embedding`), staged in a hidden folder and renamed into place. Prints the
+version's path and an `export: {...}` JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainers.common import build_run, fail as _fail, model_name, restore_trained  # noqa: E402
+from trainers.run_flags import read_flags_file  # noqa: E402
+
+PROGRAM = "export"
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint_dir", None, "A training run's checkpoint folder (holds flags.txt).")
+flags.DEFINE_string("checkpoint", None,
+                    "A checkpoint prefix in --checkpoint_dir (e.g. .../ckpt-440); default the latest.")
+flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).")
+flags.DEFINE_string("model_name", None, "Exported model's name; default the run's --model_name.")
+flags.mark_flag_as_required("checkpoint_dir")
+
+
+def fail(message: str):
+    _fail(PROGRAM, message)
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
+    logging.set_verbosity(logging.WARNING)
+    import emc2_tf
+
+    try:
+        run_flags = read_flags_file(FLAGS.checkpoint_dir)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--checkpoint_dir={FLAGS.checkpoint_dir}: {error}")
+    run = build_run(PROGRAM, run_flags)
+    path = restore_trained(PROGRAM, run, FLAGS.checkpoint_dir, FLAGS.checkpoint)
+    name = FLAGS.model_name or model_name(run_flags)
+    try:
+        export_path = emc2_tf.export_encoder(run.encoder, FLAGS.export_dir, name)
+    except (OSError, ValueError) as error:
+        fail(f"--export_dir={FLAGS.export_dir}: {error}")
+    print(f"exported encoder: {export_path}")
+    print("export: " + json.dumps({"checkpoint": path, "export_path": export_path,
+                                   "global_step": int(run.model.optimizer.iterations.numpy())},
+                                  sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

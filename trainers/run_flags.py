@@ -1,0 +1,176 @@
+"""The training flags, and the flags file saved next to a run's checkpoints.
+
+`define_train_flags(flag_values)` defines every flag of `trainers.train` on
+any `absl.flags.FlagValues`: on the global `FLAGS` for the trainer, and on
+a private instance when `evaluate`, `export` or `train --resume` read a
+run's `flags.txt` back with the same parsers and validators.
+
+`<checkpoint_dir>/flags.txt` is a flag file: `python -m trainers.train
+--flagfile=checkpoints/emc2/flags.txt` repeats the run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from absl import flags
+
+from emc2_tf.batch_selection import BATCH_SELECTIONS
+from emc2_tf.distribute import STRATEGIES
+from emc2_tf.models import METHODS
+
+FLAGS_FILE = "flags.txt"
+
+#: Flags that define what a run computes: `--resume` takes them from the
+#: run's flags file and refuses a different value.
+RUN_DEFINING = (
+    "method", "dataset", "data_dir", "batch_size", "temperature", "learning_rate", "seed",
+    "encoder", "burn_in", "exact_ratio", "gamma", "batch_selection", "spectral_every",
+    "spectral_groups", "model_name",
+)
+
+
+def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the flags of `trainers.train` (with their validators) on `flag_values`."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_enum("method", "emc2", sorted(METHODS), "Contrastive method.", **fv)
+    flags.DEFINE_string(
+        "dataset", "digits",
+        "digits (inside scikit-learn) | fashion_mnist (idx files, Debian's "
+        "dataset-fashion-mnist) | the name of a tfds data set prepared under --data_dir.", **fv)
+    flags.DEFINE_string(
+        "data_dir", None,
+        "fashion_mnist: folder of the idx files (default /usr/share/datasets/fashion-mnist); "
+        "tfds data sets: the tfds data_dir. Never downloads.", **fv)
+    flags.DEFINE_integer("epochs", 30, "Training epochs (in all, also when resuming).", **fv)
+    flags.DEFINE_integer("batch_size", 64, "Images per batch B (2B views).", **fv)
+    flags.DEFINE_float(
+        "temperature", None,
+        "Temperature τ > 0 (β = 1/τ); default: the method's own (emc2 0.07, sogclr 0.1, "
+        "simclr 0.1, dcl 0.1, dhel 0.3; kcl has none and uses it only for the global-loss "
+        "monitor, 0.1).", **fv)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", **fv)
+    flags.DEFINE_integer("seed", 0,
+                         "Seed of weights, data order, augmentations and MH draws.", **fv)
+    flags.DEFINE_enum("encoder", "auto", ["auto", "small_cnn", "resnet18"],
+                      "Encoder; auto = small_cnn up to 28 px, resnet18 above.", **fv)
+    flags.DEFINE_integer("burn_in", -1,
+                         "emc2 only: MH burn-in steps per pass; -1 = B − 1 (paper).", **fv)
+    flags.DEFINE_bool("exact_ratio", False,
+                      "emc2 only: refresh the current state's score before each pass.", **fv)
+    flags.DEFINE_float("gamma", 0.9,
+                       "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).", **fv)
+    flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
+                      "random: uniform shuffling; spectral: spectral-clustering batches "
+                      "(Cho et al.), any method.", **fv)
+    flags.DEFINE_integer("spectral_every", 1,
+                         "spectral only: re-select the batches every k epochs.", **fv)
+    flags.DEFINE_integer("spectral_groups", 40,
+                         "spectral only: batches per clustered group (authors: 40).", **fv)
+    flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.", **fv)
+    flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
+                      "default: one device; mirrored: every local GPU (or --cpu_devices logical "
+                      "CPUs); multi_worker: MultiWorkerMirroredStrategy over TF_CONFIG's "
+                      "workers. --batch_size is the global batch, split over the replicas.", **fv)
+    flags.DEFINE_integer("cpu_devices", 0,
+                         "Split the CPU into this many logical devices (0 = no split): runs "
+                         "--strategy=mirrored with several replicas on a machine without GPUs.",
+                         **fv)
+    flags.DEFINE_float("worker_timeout", 120.0,
+                       "multi_worker: seconds to wait for the other workers, and the timeout of "
+                       "each collective operation.", **fv)
+    flags.DEFINE_integer("eval_every", 10,
+                         "Log held-out 1-NN accuracy every N epochs (0 = off).", **fv)
+    flags.DEFINE_string("model_name", None,
+                        "The run's name: checkpoints, TensorBoard and export folders; "
+                        "default = --method.", **fv)
+    flags.DEFINE_string("checkpoint_dir", None,
+                        "The run's checkpoints and flags.txt; default checkpoints/<model_name>; "
+                        "empty = no checkpoints.", **fv)
+    flags.DEFINE_integer("checkpoint_every_steps", 0,
+                         "Also checkpoint every N training steps (0 = at each epoch end, at the "
+                         "end and on SIGTERM/SIGINT only).", **fv)
+    flags.DEFINE_integer("keep_checkpoints", 3, "How many recent checkpoints to keep.", **fv)
+    flags.DEFINE_bool("resume", False,
+                      "Continue the run in --checkpoint_dir from its latest checkpoint (its "
+                      "flags.txt supplies the flags not given).", **fv)
+    flags.DEFINE_string("resume_from", None,
+                        "Continue from this checkpoint prefix (e.g. checkpoints/emc2/ckpt-440) "
+                        "instead of the latest; implies --resume.", **fv)
+    flags.DEFINE_bool("overwrite", False,
+                      "Start afresh even if --checkpoint_dir holds checkpoints of an earlier "
+                      "run (they are deleted).", **fv)
+    flags.DEFINE_string("tensorboard_dir", "runs",
+                        "TensorBoard logs go to <tensorboard_dir>/<model_name>; empty = off.", **fv)
+    flags.DEFINE_integer("log_every_steps", 0,
+                         "Also write TensorBoard scalars every N steps (0 = per epoch only).",
+                         **fv)
+    flags.DEFINE_bool("projector", False,
+                      "After training, write the held-out embeddings and labels for "
+                      "TensorBoard's projector.", **fv)
+    flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).", **fv)
+    flags.DEFINE_bool("export", True, "Export the trained encoder.", **fv)
+
+    validators = {
+        "temperature": (lambda v: v is None or v > 0, "--temperature must be > 0 (e.g. 0.07)."),
+        "gamma": (lambda v: 0 < v <= 1, "--gamma must be in (0, 1] (e.g. 0.9)."),
+        "spectral_every": (lambda v: v >= 1, "--spectral_every must be ≥ 1."),
+        "spectral_groups": (lambda v: v >= 1, "--spectral_groups must be ≥ 1."),
+        "batch_size": (lambda v: v >= 2, "--batch_size must be ≥ 2."),
+        "epochs": (lambda v: v >= 1, "--epochs must be ≥ 1."),
+        "learning_rate": (lambda v: v > 0, "--learning_rate must be > 0."),
+        "burn_in": (lambda v: v >= -1, "--burn_in must be -1 (B − 1) or ≥ 0."),
+        "cpu_devices": (lambda v: v >= 0, "--cpu_devices must be ≥ 0."),
+        "worker_timeout": (lambda v: v > 0, "--worker_timeout must be > 0."),
+        "eval_every": (lambda v: v >= 0, "--eval_every must be ≥ 0."),
+        "checkpoint_every_steps": (lambda v: v >= 0, "--checkpoint_every_steps must be ≥ 0."),
+        "keep_checkpoints": (lambda v: v >= 1, "--keep_checkpoints must be ≥ 1."),
+        "log_every_steps": (lambda v: v >= 0, "--log_every_steps must be ≥ 0."),
+        "model_name": (lambda v: v is None or (v and "/" not in v and not v.startswith(".")),
+                       "--model_name must be a plain folder name (no '/', not hidden)."),
+    }
+    for name, (check, message) in validators.items():
+        flags.register_validator(name, check, message, **fv)
+
+
+def flags_file_text(flag_values: flags.FlagValues, names) -> str:
+    """The flag file holding `names`' current values (flags set to None are left out)."""
+    lines = []
+    for name in names:
+        serialized = flag_values[name].serialize()
+        if serialized:
+            lines.append(serialized)
+    return "\n".join(lines) + "\n"
+
+
+def write_flags_file(directory: str, text: str) -> str:
+    """Writes `<directory>/flags.txt` atomically (temporary file + rename)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, FLAGS_FILE)
+    handle, staging = tempfile.mkstemp(prefix=".flags-", dir=directory)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.chmod(staging, 0o644)
+    os.replace(staging, path)
+    return path
+
+
+def read_flags_file(directory: str) -> flags.FlagValues:
+    """A run's saved training flags, parsed and validated like the trainer's.
+
+    Raises `FileNotFoundError` or `ValueError` with a one-line reason.
+    """
+    path = os.path.join(directory, FLAGS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: not a training run's checkpoint folder (train writes "
+            "flags.txt there when it starts)."
+        )
+    saved = flags.FlagValues()
+    define_train_flags(saved)
+    try:
+        saved(["saved-run", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ValueError(f"{path} cannot be parsed: {error}") from None
+    return saved
