@@ -16,6 +16,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: opt-in check on real data or long runs (--run-heavy)")
+    # Keras' convert_to_numpy calls np.array(variable) without `copy`: NumPy 2 warns, harmlessly.
+    config.addinivalue_line(
+        "filterwarnings",
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,10 +29,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "heavy" in item.keywords:
             item.add_marker(skip)
-
-
-def pytest_configure(config):
-    # Keras' convert_to_numpy calls np.array(variable) without `copy`: NumPy 2 warns, harmlessly.
-    config.addinivalue_line(
-        "filterwarnings",
-        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
