@@ -8,6 +8,7 @@ seed, weight for weight.
 import hashlib
 import os
 import signal
+import sys
 
 import keras
 import numpy as np
@@ -184,3 +185,7 @@ def test_signal_saves_and_stops_after_the_current_step(images, tmp_path, signum)
         "ckpt-6", "ckpt-10"]
     assert len(history["loss"]) == 2  # stopped in the second epoch
     assert signal.getsignal(signum) == previous  # handlers restored
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

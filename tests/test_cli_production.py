@@ -245,3 +245,7 @@ def test_helpfull_documents_every_flag():
                  "--[no]overwrite", "--log_every_steps", "--[no]projector", "--flagfile"):
         assert flag in text, flag
     assert "Continue the run in --checkpoint_dir from its latest checkpoint" in text
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
