@@ -31,10 +31,14 @@ from emc2_tf.distribute import (
 from emc2_tf.encoders import build_encoder, build_resnet18_encoder, build_small_cnn_encoder
 from emc2_tf.evaluation import (
     KNNAccuracyCallback,
+    alignment,
+    effective_rank,
     embed,
     evaluate_encoder,
     knn_accuracy,
     linear_probe_accuracy,
+    representation_metrics,
+    uniformity,
 )
 from emc2_tf.checkpoint import (
     CheckpointError,

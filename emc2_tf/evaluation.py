@@ -1,9 +1,19 @@
-"""Evaluation of frozen encoder features: 1-NN and linear-probe accuracy.
+"""Evaluation of frozen encoder features (algorithms.md §9).
 
-The papers' protocol (algorithms.md §9): embed the train split (with labels)
-and the held-out split with the frozen encoder, then classify the held-out
-images by their nearest train neighbour (Euclidean) or by a logistic
-regression fitted on standardised train features.
+The papers' protocol: embed the train split (with labels) and the held-out
+split with the frozen encoder, then classify the held-out images by their
+nearest train neighbour (Euclidean, `knn_accuracy`) or by a logistic
+regression fitted on standardised train features (`linear_probe_accuracy`).
+
+Representation metrics of the L2-normalised embedding `f`:
+
+- alignment (Wang & Isola 2020): `E_pos ‖f(x) − f(y)‖²` over positive pairs
+  (two augmented views of one image); 0 is perfect;
+- uniformity: `log E_{i≠j} exp(−2 ‖f(x_i) − f(x_j)‖²)`; lower is more
+  uniform on the sphere;
+- effective rank (RankMe, Garrido et al. 2023): `exp(H(σ/‖σ‖₁))` of the
+  singular values σ of the embedding matrix; dimensional collapse shows as
+  a value far below D.
 """
 
 from __future__ import annotations
@@ -98,8 +108,76 @@ def linear_probe_accuracy(
     return float(probe.score(test_features, test_labels))
 
 
-def evaluate_encoder(encoder: keras.Model, dataset, linear_probe: bool = True) -> dict[str, float]:
-    """1-NN (and linear-probe) accuracy of the encoder on an `ImageDataset`."""
+def alignment(view1_embeddings: np.ndarray, view2_embeddings: np.ndarray) -> float:
+    """Alignment `E_pos ‖f(x) − f(y)‖²`: row i of each array embeds one view of image i."""
+    u = np.asarray(view1_embeddings, np.float64)
+    v = np.asarray(view2_embeddings, np.float64)
+    if u.shape != v.shape or u.ndim != 2:
+        raise ValueError(f"alignment needs two [n, D] arrays of one shape; got {u.shape}, {v.shape}.")
+    return float(np.mean(np.sum((u - v) ** 2, axis=1)))
+
+
+def uniformity(embeddings: np.ndarray, t: float = 2.0, chunk_size: int = 2048) -> float:
+    """Uniformity `log E_{i≠j} exp(−t ‖f(x_i) − f(x_j)‖²)` over all ordered pairs i ≠ j."""
+    z = np.asarray(embeddings, np.float64)
+    n = len(z)
+    if z.ndim != 2 or n < 2:
+        raise ValueError(f"uniformity needs [n ≥ 2, D] embeddings; got shape {z.shape}.")
+    squared = np.sum(z**2, axis=1)
+    # log-sum-exp over the pairs, chunked: O(chunk · n) memory.
+    log_terms = []
+    for start in range(0, n, chunk_size):
+        block = z[start : start + chunk_size]
+        distance = np.maximum(
+            squared[start : start + chunk_size, None] + squared[None, :] - 2.0 * block @ z.T, 0.0)
+        exponent = -t * distance
+        rows = np.arange(len(block))
+        exponent[rows, start + rows] = -np.inf  # i = j
+        peak = exponent.max()
+        log_terms.append(peak + np.log(np.exp(exponent - peak).sum()))
+    return float(np.logaddexp.reduce(log_terms) - np.log(n * (n - 1.0)))
+
+
+def effective_rank(embeddings: np.ndarray, epsilon: float = 1e-7) -> float:
+    """RankMe effective rank `exp(−Σ p_k log p_k)`, `p = σ/‖σ‖₁ + ε`, in [1, min(n, D)]."""
+    z = np.asarray(embeddings, np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"effective_rank needs an [n, D] matrix; got shape {z.shape}.")
+    singular_values = np.linalg.svd(z, compute_uv=False)
+    p = singular_values / max(singular_values.sum(), np.finfo(np.float64).tiny) + epsilon
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def representation_metrics(encoder: keras.Model, images: np.ndarray, augment=None,
+                           seed: int = 0) -> dict[str, float]:
+    """Alignment, uniformity and effective rank of the encoder's `embedding` on `images`.
+
+    Alignment compares two augmented views of each image (`augment`, an
+    `AugmentConfig`; None: the images' digits defaults are not assumed, and
+    alignment is left out).
+    """
+    z = embed(encoder, images, features="embedding")
+    results = {"uniformity": uniformity(z), "effective_rank": effective_rank(z)}
+    if augment is not None:
+        from emc2_tf.data.augment import SimCLRAugment
+
+        augmenter = SimCLRAugment(augment)
+        views = [
+            augmenter(tf.constant(images, tf.float32), seed=tf.constant([seed, view], tf.int64))
+            .numpy() for view in (1, 2)
+        ]
+        results["alignment"] = alignment(embed(encoder, views[0], features="embedding"),
+                                         embed(encoder, views[1], features="embedding"))
+    return results
+
+
+def evaluate_encoder(encoder: keras.Model, dataset, linear_probe: bool = True,
+                     representation: bool = False, augment=None) -> dict[str, float]:
+    """1-NN (and linear-probe) accuracy of the encoder on an `ImageDataset`.
+
+    With `representation`, also the held-out split's alignment (needs
+    `augment`), uniformity and effective rank (`representation_metrics`).
+    """
     train = embed(encoder, dataset.train_images)
     test = embed(encoder, dataset.test_images)
     results = {"knn_accuracy": knn_accuracy(train, dataset.train_labels, test, dataset.test_labels)}
@@ -107,6 +185,8 @@ def evaluate_encoder(encoder: keras.Model, dataset, linear_probe: bool = True) -
         results["linear_probe_accuracy"] = linear_probe_accuracy(
             train, dataset.train_labels, test, dataset.test_labels
         )
+    if representation:
+        results.update(representation_metrics(encoder, dataset.test_images, augment))
     return results
 
 

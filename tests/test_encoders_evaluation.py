@@ -65,6 +65,61 @@ def test_knn_callback_logs_accuracy_every_n_epochs():
     assert logs["knn_accuracy"] == pytest.approx(expected)
 
 
+def test_alignment_against_its_definition():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(50, 6)); v = rng.normal(size=(50, 6))
+    expected = np.mean([np.sum((a - b) ** 2) for a, b in zip(u, v)])
+    assert emc2_tf.alignment(u, v) == pytest.approx(expected, rel=1e-12)
+    unit = u / np.linalg.norm(u, axis=1, keepdims=True)
+    assert emc2_tf.alignment(unit, unit) == 0.0
+    assert emc2_tf.alignment(unit, -unit) == pytest.approx(4.0)  # antipodal views
+    with pytest.raises(ValueError, match="alignment needs two"):
+        emc2_tf.alignment(u, v[:3])
+
+
+def test_uniformity_brute_force_and_the_uniform_circle():
+    from scipy.special import i0
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(40, 5)); z /= np.linalg.norm(z, axis=1, keepdims=True)
+    pairs = [np.exp(-2 * np.sum((z[i] - z[j]) ** 2)) for i in range(40) for j in range(40) if i != j]
+    assert emc2_tf.uniformity(z, chunk_size=7) == pytest.approx(np.log(np.mean(pairs)), rel=1e-12)
+    # Uniform on the circle: E exp(−2‖x − y‖²) = e^{−4} I0(4) (cos of a uniform angle).
+    angles = rng.uniform(0, 2 * np.pi, 3000)
+    circle = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert emc2_tf.uniformity(circle) == pytest.approx(-4 + np.log(i0(4.0)), abs=0.03)
+    assert emc2_tf.uniformity(np.ones((10, 3)) / np.sqrt(3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_effective_rank_of_known_spectra():
+    rng = np.random.default_rng(2)
+    q1, _ = np.linalg.qr(rng.normal(size=(30, 30)))
+    q2, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    sigma = np.array([3.0, 2.0, 1.0, 0, 0, 0, 0, 0])
+    z = q1[:, :8] @ np.diag(sigma) @ q2.T
+    p = np.array([3, 2, 1]) / 6.0
+    assert emc2_tf.effective_rank(z, epsilon=0.0) == pytest.approx(np.exp(-np.sum(p * np.log(p))),
+                                                                   rel=1e-9)
+    assert emc2_tf.effective_rank(q1[:, :8]) == pytest.approx(8.0, rel=1e-4)  # isotropic
+    assert emc2_tf.effective_rank(np.outer(rng.normal(size=30), rng.normal(size=8))) == (
+        pytest.approx(1.0, abs=1e-4))  # collapsed to one direction
+
+
+def test_representation_metrics_of_an_encoder():
+    data = emc2_tf.load_digits()
+    encoder = emc2_tf.build_small_cnn_encoder(data.image_shape)
+    images = data.test_images[:100]
+    results = emc2_tf.representation_metrics(
+        encoder, images, emc2_tf.AugmentConfig.for_dataset("digits"), seed=0)
+    z = emc2_tf.embed(encoder, images, features="embedding")
+    assert results["uniformity"] == pytest.approx(emc2_tf.uniformity(z))
+    assert results["effective_rank"] == pytest.approx(emc2_tf.effective_rank(z))
+    assert 0.0 < results["alignment"] < 4.0
+    assert 1.0 <= results["effective_rank"] <= 64.0
+    no_augment = emc2_tf.representation_metrics(encoder, images)
+    assert "alignment" not in no_augment
+
+
 if __name__ == "__main__":
     import sys
 

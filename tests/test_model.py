@@ -159,6 +159,33 @@ class TestBadInput:
             emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20)
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_with_float32_state(policy):
+    """The benchmarks' --mixed_precision: the encoder computes in 16 bits, the loss,
+    chains and optimizer state stay float32; mixed_float16 gets loss scaling."""
+    n = 128
+    images = np.random.default_rng(0).random((n, 8, 8, 1)).astype(np.float32)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        encoder = emc2_tf.build_small_cnn_encoder((8, 8, 1))
+        model = emc2_tf.EMC2Model(encoder=encoder, dataset_size=n, images=images,
+                                  temperature=0.2, seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(3e-3))
+        before = emc2_tf.exact_global_contrastive_loss(encoder, images, 0.2)
+        history = model.fit(emc2_tf.make_two_view_dataset(images, 16, augment=None), epochs=3,
+                            verbose=0)
+        after = emc2_tf.exact_global_contrastive_loss(encoder, images, 0.2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (
+        policy == "mixed_float16")
+    assert encoder.compute_dtype == policy.split("_")[1]
+    assert model.chain_log_score.dtype == "float32" and encoder.weights[0].dtype == "float32"
+    assert np.isfinite(history.history["loss"]).all()
+    assert after < before - 0.1, (before, after)
+
+
 if __name__ == "__main__":
     import sys
 

@@ -1,4 +1,5 @@
-r"""Evaluate a trained encoder: held-out 1-NN and linear-probe accuracy.
+r"""Evaluate a trained encoder: held-out 1-NN and linear-probe accuracy, alignment,
+uniformity and effective rank.
 
     python -m trainers.evaluate --checkpoint_dir=checkpoints/emc2
     python -m trainers.evaluate --checkpoint_dir=checkpoints/emc2 --checkpoint=checkpoints/emc2/ckpt-440
@@ -40,6 +41,7 @@ flags.DEFINE_bool("linear_probe", True, "Also fit the linear probe (logistic reg
 flags.DEFINE_string("projector_dir", None,
                     "Also write the held-out embeddings and labels here for TensorBoard's projector.")
 flags.DEFINE_string("output_json", None, "Also write the results to this JSON file.")
+flags.DEFINE_integer("seed", 0, "Seed of the augmented views that alignment compares.")
 
 
 def fail(message: str):
@@ -99,12 +101,15 @@ def main(argv):
         def embed(images):
             return emc2_tf.embed(run.encoder, images, features=FLAGS.features)
 
+        def embed_output(images):  # the L2-normalised embedding, for the sphere metrics
+            return emc2_tf.embed(run.encoder, images, features="embedding")
+
         results.update(checkpoint=path, method=run_flags.method, features=FLAGS.features,
                        global_step=int(run.model.optimizer.iterations.numpy()))
     else:
         dataset = FLAGS.dataset or "digits"
         data = load_data(PROGRAM, dataset, FLAGS.data_dir)
-        embed = saved_model_embedder(FLAGS.saved_model)
+        embed = embed_output = saved_model_embedder(FLAGS.saved_model)
         results.update(saved_model=FLAGS.saved_model, features="embedding")
     try:
         train, test = embed(data.train_images), embed(data.test_images)
@@ -116,11 +121,21 @@ def main(argv):
     if FLAGS.linear_probe:
         results["linear_probe_accuracy"] = emc2_tf.linear_probe_accuracy(
             train, data.train_labels, test, data.test_labels)
+    # Alignment (two augmented views), uniformity and effective rank of the embedding.
+    test_embedding = test if results["features"] == "embedding" else embed_output(data.test_images)
+    augmenter = emc2_tf.SimCLRAugment(emc2_tf.AugmentConfig.for_dataset(dataset))
+    views = [augmenter(data.test_images, seed=[FLAGS.seed, view]).numpy() for view in (1, 2)]
+    results["alignment"] = emc2_tf.alignment(embed_output(views[0]), embed_output(views[1]))
+    results["uniformity"] = emc2_tf.uniformity(test_embedding)
+    results["effective_rank"] = emc2_tf.effective_rank(test_embedding)
     if FLAGS.projector_dir:
         results["projector"] = emc2_tf.export_projector(test, data.test_labels, FLAGS.projector_dir)
     print(f"held-out 1-NN accuracy:         {results['knn_accuracy']:.4f}")
     if "linear_probe_accuracy" in results:
         print(f"held-out linear-probe accuracy: {results['linear_probe_accuracy']:.4f}")
+    print(f"alignment (lower: closer views): {results['alignment']:.4f}")
+    print(f"uniformity (lower: more uniform): {results['uniformity']:.4f}")
+    print(f"effective rank (of D = {test_embedding.shape[1]}):     {results['effective_rank']:.2f}")
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)

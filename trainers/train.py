@@ -238,7 +238,7 @@ def run() -> dict:
               file=sys.stderr)
         sys.exit(128 + checkpoint.interrupted)
 
-    results = emc2_tf.evaluate_encoder(encoder, data)
+    results = emc2_tf.evaluate_encoder(encoder, data, representation=True, augment=augment)
     summary = {
         "method": FLAGS.method,
         "dataset": data.name,
@@ -248,6 +248,9 @@ def run() -> dict:
         "batch_selection": FLAGS.batch_selection,
         "knn_accuracy": results["knn_accuracy"],
         "linear_probe_accuracy": results["linear_probe_accuracy"],
+        "alignment": results["alignment"],
+        "uniformity": results["uniformity"],
+        "effective_rank": results["effective_rank"],
         "train_seconds": train_seconds,
         # Median over epochs after the first (which includes tracing the step).
         "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds or [0.0])),

@@ -227,11 +227,16 @@ class ContrastiveModel(keras.Model):
         index = tf.cast(index, tf.int32)
         views = tf.concat([tf.cast(view1, tf.float32), tf.cast(view2, tf.float32)], axis=0)
         with tf.GradientTape() as tape:
-            embeddings = self.encoder(views, training=True)
+            # Under a mixed-precision policy the encoder computes in float16 or
+            # bfloat16; the loss, the sampler and the per-sample state stay float32.
+            embeddings = tf.cast(self.encoder(views, training=True), tf.float32)
             loss, scalars = self.contrastive_loss(index, embeddings, training=True)
             context = tf.distribute.get_replica_context()
             replicas = 1 if context is None else context.num_replicas_in_sync
             scaled_loss = loss / tf.cast(replicas, loss.dtype)
+            # mixed_float16: compile wraps the optimizer in a LossScaleOptimizer,
+            # which scales here and unscales (skipping non-finite steps) in apply.
+            scaled_loss = self.optimizer.scale_loss(scaled_loss)
         trainable = self.trainable_variables
         gradients = tape.gradient(scaled_loss, trainable)
         self.optimizer.apply(gradients, trainable)

@@ -1,0 +1,160 @@
+r"""Quality of every method across batch sizes and seeds (the paper's small-batch claim).
+
+    python -m benchmarks.quality                        # digits, defaults below
+    python -m benchmarks.quality --methods=emc2,simclr --batch_sizes=8,64 --seeds=5
+    python -m benchmarks.quality --dataset=cifar10 --data_dir=~/tensorflow_datasets --epochs=100
+
+Every run trains the same encoder with the same augmentations for the same
+number of epochs, each method at its default temperature (emc2 0.07, sogclr,
+simclr, dcl 0.1, dhel 0.3, kcl none), Adam 1e-3; then evaluates the frozen
+backbone on the held-out split (1-NN, linear probe) and the embedding's
+alignment, uniformity and effective rank. Prints the mean ± std over seeds,
+writes `benchmarks/results/<name>.json` (after every run, so an interrupted
+benchmark keeps what it measured) and `<name>.png` (accuracy against batch
+size, one line per method).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+from benchmarks import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("methods", ["simclr", "sogclr", "dcl", "dhel", "kcl", "emc2"], "Methods.")
+flags.DEFINE_list("batch_sizes", ["8", "16", "32", "64", "128"], "Batch sizes B.")
+flags.DEFINE_integer("seeds", 3, "Seeds per (method, B): 0, 1, …")
+flags.DEFINE_integer("epochs", 10, "Training epochs of every run.")
+flags.DEFINE_string("dataset", "digits", "digits | fashion_mnist | a tfds data set under --data_dir.")
+flags.DEFINE_string("data_dir", None, "Data folder (fashion_mnist idx files, tfds data_dir).")
+flags.DEFINE_integer("max_train", 0, "Use only the first N training images (0 = all).")
+flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on a GPU, mixed_bfloat16 on a CPU.")
+flags.DEFINE_string("name", "quality", "Results file name under --results_dir.")
+flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the JSON and PNG go.")
+
+
+def fail(message: str):
+    print(f"quality: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key: str):
+    """`{(method, B): (mean, std, count)}` of `key` over seeds."""
+    import numpy as np
+
+    table = {}
+    for method in methods:
+        for batch_size in batch_sizes:
+            values = [r[key] for r in runs if r["method"] == method and r["batch_size"] == batch_size]
+            if values:
+                table[method, batch_size] = (float(np.mean(values)), float(np.std(values)), len(values))
+    return table
+
+
+def plot(runs, methods, batch_sizes, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for axis, key, label in zip(axes, ("knn_accuracy", "linear_probe_accuracy"),
+                                ("held-out 1-NN accuracy", "held-out linear-probe accuracy")):
+        table = summarize(runs, methods, batch_sizes, key)
+        for method in methods:
+            points = [(b, *table[method, b][:2]) for b in batch_sizes if (method, b) in table]
+            if not points:
+                continue
+            xs, means, stds = zip(*points)
+            style = dict(linewidth=2.5, color="black") if method == "emc2" else dict(linewidth=1.3)
+            axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method, **style)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        axis.set_xlabel("batch size B")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
+    import emc2_tf
+
+    try:
+        batch_sizes = sorted(int(b) for b in FLAGS.batch_sizes)
+    except ValueError:
+        fail(f"--batch_sizes must be integers; got {','.join(FLAGS.batch_sizes)}.")
+    unknown = [m for m in FLAGS.methods if m not in emc2_tf.METHODS]
+    if unknown:
+        fail(f"--methods: unknown {unknown}; accepted: {','.join(sorted(emc2_tf.METHODS))}.")
+    if FLAGS.seeds < 1 or FLAGS.epochs < 1 or min(batch_sizes) < 2:
+        fail("--seeds and --epochs must be ≥ 1 and every batch size ≥ 2.")
+    try:
+        data = emc2_tf.load_dataset(FLAGS.dataset, FLAGS.data_dir)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--dataset={FLAGS.dataset}: {error}")
+    if FLAGS.max_train:
+        data = emc2_tf.from_arrays(data.train_images[: FLAGS.max_train],
+                                   data.train_labels[: FLAGS.max_train], data.test_images,
+                                   data.test_labels, name=data.name)
+    if max(batch_sizes) > data.num_train:
+        fail(f"--batch_sizes: {max(batch_sizes)} exceeds the {data.num_train} training images.")
+    policy = common.set_mixed_precision(FLAGS.mixed_precision)
+    machine = common.device_description()
+    print(f"quality: {data.name}, N={data.num_train}, {FLAGS.epochs} epochs, "
+          f"{len(FLAGS.methods)} methods × {len(batch_sizes)} batch sizes × {FLAGS.seeds} seeds "
+          f"on {machine['device']} ({policy})", flush=True)
+    payload = {"benchmark": "quality", "dataset": data.name, "num_train": data.num_train,
+               "epochs": FLAGS.epochs, "methods": FLAGS.methods, "batch_sizes": batch_sizes,
+               "seeds": FLAGS.seeds, "policy": policy, "machine": machine, "runs": []}
+    started = time.time()
+    total = len(FLAGS.methods) * len(batch_sizes) * FLAGS.seeds
+    for seed in range(FLAGS.seeds):
+        for batch_size in batch_sizes:
+            for method in FLAGS.methods:
+                result = common.train_and_evaluate(method, data, FLAGS.dataset, batch_size,
+                                                   seed, FLAGS.epochs)
+                payload["runs"].append(result)
+                payload["seconds"] = time.time() - started
+                common.write_json(FLAGS.name, payload, FLAGS.results_dir)
+                print(f"[{len(payload['runs'])}/{total}] {method:6s} B={batch_size:<4d} "
+                      f"seed={seed}  1-NN {result['knn_accuracy']:.4f}  probe "
+                      f"{result['linear_probe_accuracy']:.4f}  ({result['train_seconds']:.1f} s)",
+                      flush=True)
+
+    runs = payload["runs"]
+    for key, label in (("knn_accuracy", "1-NN accuracy"),
+                       ("linear_probe_accuracy", "linear-probe accuracy")):
+        table = summarize(runs, FLAGS.methods, batch_sizes, key)
+        rows = [[method] + [f"{table[method, b][0]:.4f} ± {table[method, b][1]:.4f}"
+                            for b in batch_sizes] for method in FLAGS.methods]
+        print(f"\nheld-out {label}, mean ± std over {FLAGS.seeds} seeds")
+        print(common.markdown_table(["method"] + [f"B={b}" for b in batch_sizes], rows))
+    representation = []
+    for method in FLAGS.methods:
+        row = [method]
+        for key in ("alignment", "uniformity", "effective_rank"):
+            table = summarize(runs, [method], [min(batch_sizes)], key)
+            row.append(f"{table[method, min(batch_sizes)][0]:.3f}")
+        representation.append(row)
+    print(f"\nrepresentation at B={min(batch_sizes)} (held-out, mean over seeds)")
+    print(common.markdown_table(["method", "alignment", "uniformity", "effective rank"],
+                                representation))
+    png = common.os.path.join(FLAGS.results_dir, f"{FLAGS.name}.png")
+    plot(runs, FLAGS.methods, batch_sizes, png,
+         f"{data.name}: {FLAGS.epochs} epochs, mean ± std over {FLAGS.seeds} seeds")
+    payload["seconds"] = time.time() - started
+    path = common.write_json(FLAGS.name, payload, FLAGS.results_dir)
+    print(f"\nwrote {path} and {png} in {payload['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    app.run(main)
