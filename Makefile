@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all bazel-test clean
+.PHONY: setup demo test pytest test-all bazel-test clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,20 +21,27 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers.train --method=emc2 --dataset=digits --overwrite
 
-test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
-	@$(MAKE) --no-print-directory bazel-test
+# The suite runs once: as Bazel py_tests where Bazel (with Debian's rules)
+# is installed, else with pytest; either way it says which.
+BAZEL_OK := $(shell command -v bazel >/dev/null 2>&1 && [ -d /usr/share/bazel/rules/java ] \
+	&& [ -d /usr/share/bazel/platforms ] && echo yes)
 
-# The same test files as Bazel py_tests, offline (WORKSPACE, .bazelrc);
-# skipped with a reason where bazel is not installed.
+test: $(STAMP)
+ifeq ($(BAZEL_OK),yes)
+	@echo "make test: Bazel is installed: running every test file as a py_test (bazel test //...)"
+	bazel test //... --test_arg=-rs
+else
+	@echo "make test: Bazel step skipped: bazel (with Debian's rules) is not installed" \
+	      "(apt-get install bazel-bootstrap bazel-rules-java bazel-platforms); running pytest"
+	$(PY) -m pytest -q -rs tests
+endif
+
+# The suite with pytest, whether or not Bazel is installed.
+pytest: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
 bazel-test: $(STAMP)
-	@if command -v bazel >/dev/null 2>&1 && [ -d /usr/share/bazel/rules/java ] \
-			&& [ -d /usr/share/bazel/platforms ]; then \
-		bazel test //... ; \
-	else \
-		echo "bazel-test: skipped: bazel (with Debian's rules) is not installed:" \
-		     "apt-get install bazel-bootstrap bazel-rules-java bazel-platforms"; \
-	fi
+	bazel test //... --test_arg=-rs
 
 # Also the opt-in heavy / real-data checks (e.g. Fashion-MNIST idx files).
 test-all: $(STAMP)
