@@ -118,12 +118,7 @@ def tv_distances(batches, states, target, warmup: int, seed: int) -> dict[str, f
 
 
 def plot(payload, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = common.pyplot().subplots(1, 2, figsize=(11, 4.2))
     rates = payload["training_acceptance_rate"]
     left.plot(range(1, len(rates) + 1), rates, marker=".", color="black")
     left.set_xlabel("epoch")
@@ -142,18 +137,18 @@ def plot(payload, path: str) -> None:
     right.legend()
     figure.suptitle(f"EMC² chains on digits: N={payload['num_images']}, "
                     f"B={payload['batch_size']}, τ={payload['temperature']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    common.save_figure(figure, path)
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
     import keras
+    import tensorflow as tf
 
     import emc2_tf
 
+    tf.get_logger().setLevel("ERROR")  # one sampler function is traced per probe, on purpose
     try:
         snapshots = sorted({int(e) for e in FLAGS.snapshots})
     except ValueError:

@@ -19,11 +19,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def quiet_tensorflow() -> None:
+    """Benchmarks build many models, each with its own traced functions: that is
+    expected, so TensorFlow's retracing warnings are silenced."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+
+
 def device_description() -> dict:
     """The machine the numbers come from: CPU cores, GPUs, TensorFlow and Keras versions."""
     import keras
     import tensorflow as tf
 
+    quiet_tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     names = []
     for gpu in gpus:
@@ -100,6 +109,24 @@ def write_json(name: str, payload: dict, results_dir: str = RESULTS_DIR) -> str:
     with open(staging, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
     os.replace(staging, path)
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str) -> str:
+    """Writes a figure as PNG and closes it; returns the path."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
     return path
 
 

@@ -31,14 +31,46 @@ flags.DEFINE_integer("epochs", 10, "Training epochs of every run.")
 flags.DEFINE_string("dataset", "digits", "digits | fashion_mnist | a tfds data set under --data_dir.")
 flags.DEFINE_string("data_dir", None, "Data folder (fashion_mnist idx files, tfds data_dir).")
 flags.DEFINE_integer("max_train", 0, "Use only the first N training images (0 = all).")
+flags.DEFINE_list("options", [],
+                  "Constructor options key=value for the methods that take them, e.g. "
+                  "temperature=0.1,burn_in=0,exact_ratio=true (an ablation; the default is "
+                  "each method's own).")
 flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on a GPU, mixed_bfloat16 on a CPU.")
 flags.DEFINE_string("name", "quality", "Results file name under --results_dir.")
+flags.DEFINE_list("overlay", [],
+                  "Other results names under --results_dir (e.g. an ablation) whose runs join "
+                  "the tables and the plot, labelled with their --options.")
+flags.DEFINE_bool("plot_only", False,
+                  "Train nothing: re-print the tables and redraw the plot of <name>.json "
+                  "(with --overlay).")
 flags.DEFINE_string("results_dir", common.RESULTS_DIR, "Where the JSON and PNG go.")
 
 
 def fail(message: str):
     print(f"quality: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_options(items: list[str]) -> dict:
+    """`['burn_in=0', 'exact_ratio=true']` → `{'burn_in': 0, 'exact_ratio': True}`."""
+    options = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            fail(f"--options: {item!r} is not key=value.")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        options[key.strip()] = value
+    return options
 
 
 def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key: str):
@@ -55,12 +87,7 @@ def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key:
 
 
 def plot(runs, methods, batch_sizes, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    figure, axes = common.pyplot().subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for axis, key, label in zip(axes, ("knn_accuracy", "linear_probe_accuracy"),
                                 ("held-out 1-NN accuracy", "held-out linear-probe accuracy")):
         table = summarize(runs, methods, batch_sizes, key)
@@ -69,23 +96,88 @@ def plot(runs, methods, batch_sizes, path: str, title: str) -> None:
             if not points:
                 continue
             xs, means, stds = zip(*points)
-            style = dict(linewidth=2.5, color="black") if method == "emc2" else dict(linewidth=1.3)
+            style = dict(linewidth=1.3)
+            if method.startswith("emc2"):
+                style = dict(linewidth=2.5, color="black")
+                if method != "emc2":  # an overlaid variant
+                    style.update(linestyle="--", color="dimgray")
             axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method, **style)
         axis.set_xscale("log", base=2)
         axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         axis.set_xlabel("batch size B")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    common.save_figure(figure, path)
+
+
+def variant_label(method: str, options: dict) -> str:
+    """`emc2` or, for an ablation, `emc2 (exact_ratio=True)`."""
+    if not options:
+        return method
+    return f"{method} ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+
+
+def load_runs(name: str) -> tuple[dict, list[dict]]:
+    """A results file's payload and its runs, each labelled with its method variant."""
+    import json
+
+    path = common.os.path.join(FLAGS.results_dir, f"{name}.json")
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError) as error:
+        fail(f"cannot read {path}: {error}")
+    runs = []
+    for run in payload["runs"]:
+        label = variant_label(run["method"], payload.get("options", {}).get(run["method"], {}))
+        runs.append({**run, "method": label})
+    return payload, runs
+
+
+def report(payload: dict, runs: list[dict], methods: list[str], png: str) -> None:
+    """Prints the mean ± std tables and draws the plot."""
+    batch_sizes = sorted({run["batch_size"] for run in runs})
+    seeds = payload["seeds"]
+    for key, label in (("knn_accuracy", "1-NN accuracy"),
+                       ("linear_probe_accuracy", "linear-probe accuracy")):
+        table = summarize(runs, methods, batch_sizes, key)
+        rows = [[method] + [f"{table[method, b][0]:.4f} ± {table[method, b][1]:.4f}"
+                            if (method, b) in table else "–" for b in batch_sizes]
+                for method in methods]
+        print(f"\nheld-out {label}, mean ± std over {seeds} seeds")
+        print(common.markdown_table(["method"] + [f"B={b}" for b in batch_sizes], rows))
+    smallest = min(batch_sizes)
+    representation = []
+    for method in methods:
+        row = [method]
+        for key in ("alignment", "uniformity", "effective_rank"):
+            table = summarize(runs, [method], [smallest], key)
+            row.append(f"{table[method, smallest][0]:.3f}" if (method, smallest) in table else "–")
+        representation.append(row)
+    print(f"\nrepresentation at B={smallest} (held-out, mean over seeds)")
+    print(common.markdown_table(["method", "alignment", "uniformity", "effective rank"],
+                                representation))
+    plot(runs, methods, batch_sizes, png,
+         f"{payload['dataset']}: {payload['epochs']} epochs, mean ± std over {seeds} seeds")
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
+    png = common.os.path.join(FLAGS.results_dir, f"{FLAGS.name}.png")
+    if FLAGS.plot_only:
+        payload, runs = load_runs(FLAGS.name)
+        methods = list(dict.fromkeys(run["method"] for run in runs))
+        for name in FLAGS.overlay:
+            overlay_runs = load_runs(name)[1]
+            runs += overlay_runs
+            methods += [m for m in dict.fromkeys(r["method"] for r in overlay_runs)
+                        if m not in methods]
+        report(payload, runs, methods, png)
+        print(f"\nredrew {png}")
+        return
     import emc2_tf
 
     try:
@@ -107,6 +199,14 @@ def main(argv):
                                    data.test_labels, name=data.name)
     if max(batch_sizes) > data.num_train:
         fail(f"--batch_sizes: {max(batch_sizes)} exceeds the {data.num_train} training images.")
+    options = parse_options(FLAGS.options)
+    method_options = {}
+    for method in FLAGS.methods:
+        accepted = emc2_tf.models.method_options(method)
+        method_options[method] = {k: v for k, v in options.items() if k in accepted}
+    unused = [k for k in options if not any(k in o for o in method_options.values())]
+    if unused:
+        fail(f"--options: no method of --methods={','.join(FLAGS.methods)} takes {unused}.")
     policy = common.set_mixed_precision(FLAGS.mixed_precision)
     machine = common.device_description()
     print(f"quality: {data.name}, N={data.num_train}, {FLAGS.epochs} epochs, "
@@ -114,14 +214,15 @@ def main(argv):
           f"on {machine['device']} ({policy})", flush=True)
     payload = {"benchmark": "quality", "dataset": data.name, "num_train": data.num_train,
                "epochs": FLAGS.epochs, "methods": FLAGS.methods, "batch_sizes": batch_sizes,
-               "seeds": FLAGS.seeds, "policy": policy, "machine": machine, "runs": []}
+               "seeds": FLAGS.seeds, "policy": policy, "machine": machine,
+               "options": method_options, "runs": []}
     started = time.time()
     total = len(FLAGS.methods) * len(batch_sizes) * FLAGS.seeds
     for seed in range(FLAGS.seeds):
         for batch_size in batch_sizes:
             for method in FLAGS.methods:
                 result = common.train_and_evaluate(method, data, FLAGS.dataset, batch_size,
-                                                   seed, FLAGS.epochs)
+                                                   seed, FLAGS.epochs, **method_options[method])
                 payload["runs"].append(result)
                 payload["seconds"] = time.time() - started
                 common.write_json(FLAGS.name, payload, FLAGS.results_dir)
@@ -129,28 +230,10 @@ def main(argv):
                       f"seed={seed}  1-NN {result['knn_accuracy']:.4f}  probe "
                       f"{result['linear_probe_accuracy']:.4f}  ({result['train_seconds']:.1f} s)",
                       flush=True)
-
-    runs = payload["runs"]
-    for key, label in (("knn_accuracy", "1-NN accuracy"),
-                       ("linear_probe_accuracy", "linear-probe accuracy")):
-        table = summarize(runs, FLAGS.methods, batch_sizes, key)
-        rows = [[method] + [f"{table[method, b][0]:.4f} ± {table[method, b][1]:.4f}"
-                            for b in batch_sizes] for method in FLAGS.methods]
-        print(f"\nheld-out {label}, mean ± std over {FLAGS.seeds} seeds")
-        print(common.markdown_table(["method"] + [f"B={b}" for b in batch_sizes], rows))
-    representation = []
-    for method in FLAGS.methods:
-        row = [method]
-        for key in ("alignment", "uniformity", "effective_rank"):
-            table = summarize(runs, [method], [min(batch_sizes)], key)
-            row.append(f"{table[method, min(batch_sizes)][0]:.3f}")
-        representation.append(row)
-    print(f"\nrepresentation at B={min(batch_sizes)} (held-out, mean over seeds)")
-    print(common.markdown_table(["method", "alignment", "uniformity", "effective rank"],
-                                representation))
-    png = common.os.path.join(FLAGS.results_dir, f"{FLAGS.name}.png")
-    plot(runs, FLAGS.methods, batch_sizes, png,
-         f"{data.name}: {FLAGS.epochs} epochs, mean ± std over {FLAGS.seeds} seeds")
+    labels = [variant_label(m, method_options[m]) for m in FLAGS.methods]
+    runs = [{**run, "method": variant_label(run["method"], method_options[run["method"]])}
+            for run in payload["runs"]]
+    report(payload, runs, labels, png)
     payload["seconds"] = time.time() - started
     path = common.write_json(FLAGS.name, payload, FLAGS.results_dir)
     print(f"\nwrote {path} and {png} in {payload['seconds'] / 60:.1f} min")

@@ -29,10 +29,26 @@ def test_quality_writes_table_json_and_plot(tmp_path):
     assert f"{np.mean(emc2):.4f} ± {np.std(emc2):.4f}" in result.stdout
 
 
+    # An ablation (--options) overlaid on the main results (--plot_only --overlay).
+    common = ["-m", "benchmarks.quality", f"--results_dir={tmp_path}", "--max_train=512",
+              "--epochs=1"]
+    variant = run_python([*common, "--methods=emc2", "--batch_sizes=16", "--seeds=1",
+                          "--options=exact_ratio=true", "--name=variant"])
+    assert variant.returncode == 0, variant.stderr[-3000:]
+    assert json.loads((tmp_path / "variant.json").read_text())["options"] == {
+        "emc2": {"exact_ratio": True}}
+    replot = run_python([*common, "--plot_only", "--overlay=variant"])
+    assert replot.returncode == 0, replot.stderr[-3000:]
+    assert "| emc2 (exact_ratio=True) |" in replot.stdout and "| simclr |" in replot.stdout
+
+
 def test_quality_rejects_bad_flags():
     result = run_python(["-m", "benchmarks.quality", "--methods=nope"])
     assert result.returncode == 2 and "--methods: unknown ['nope']" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_python(["-m", "benchmarks.quality", "--methods=simclr", "--options=gamma=0.5"])
+    assert result.returncode == 2 and "no method of --methods=simclr takes ['gamma']" in (
+        result.stderr)
 
 
 def test_cost_ratios_and_scaling(tmp_path):
