@@ -58,7 +58,8 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("burn_in", -1,
                          "emc2 only: MH burn-in steps per pass; -1 = B − 1 (paper).", **fv)
     flags.DEFINE_bool("exact_ratio", False,
-                      "emc2 only: refresh the current state's score before each pass.", **fv)
+                      "emc2 only: refresh the current state's score before each pass "
+                      "(recommended when N/B is large: README, Results).", **fv)
     flags.DEFINE_float("gamma", 0.9,
                        "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).", **fv)
     flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
