@@ -55,10 +55,8 @@ def list_checkpoints(directory: str) -> list[str]:
     state = tf.train.get_checkpoint_state(directory) if os.path.isdir(directory) else None
     if state is None:
         return []
-    return [
-        path if os.path.isabs(path) else os.path.join(directory, path)
-        for path in state.all_model_checkpoint_paths
-    ]
+    # get_checkpoint_state already prefixes relative entries with `directory`.
+    return list(state.all_model_checkpoint_paths)
 
 
 def checkpoint_step(path: str) -> int:

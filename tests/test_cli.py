@@ -49,6 +49,26 @@ def test_readme_python_example_runs(tmp_path):
     assert os.path.isdir(tmp_path / "savedmodels" / "my_encoder" / "1")
 
 
+def test_readme_checkpoint_example_runs_and_resumes(tmp_path):
+    """The README's checkpoint snippet after its Python example: trains epochs 3–4
+    with checkpoints; run again, it restores the last one and trains nothing."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    example = re.search(r"## Use it from Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    snippet = re.search(r"\*\*From Python\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert "fit_with_checkpoints" in snippet
+    script = example.replace("model.fit(dataset, epochs=3)", "model.fit(dataset, epochs=3, verbose=0)")
+    outputs = []
+    for _ in range(2):
+        result = run_python(["-c", script + snippet], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout.strip().splitlines()[-1])
+    steps = 1437 // 64
+    saved = [4 * steps, 100, 5 * steps]  # epoch end 4, every_n_steps=100, epoch end 5; keep=3
+    expected = "(5, 0) " + str([f"checkpoints/mine/ckpt-{step}" for step in saved])
+    assert outputs == [expected, expected], outputs
+
+
 
 @pytest.mark.heavy
 def test_train_cli_on_real_fashion_mnist(tmp_path):
