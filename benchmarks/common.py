@@ -68,7 +68,7 @@ def build(method: str, data, batch_size: int, seed: int, learning_rate: float = 
     import emc2_tf
 
     keras.utils.set_random_seed(seed)
-    name = "small_cnn" if max(data.image_shape[:2]) <= 28 else "resnet18"
+    name = emc2_tf.encoders.default_encoder_name(data.image_shape)
     encoder = emc2_tf.build_encoder(name, data.image_shape)
     accepted = emc2_tf.models.method_options(method)
     arguments = {"seed": seed, **options}

@@ -28,7 +28,12 @@ from emc2_tf.distribute import (
     make_strategy,
     split_cpu,
 )
-from emc2_tf.encoders import build_encoder, build_resnet18_encoder, build_small_cnn_encoder
+from emc2_tf.encoders import (
+    build_encoder,
+    build_resnet18_encoder,
+    build_small_cnn_encoder,
+    default_encoder_name,
+)
 from emc2_tf.evaluation import (
     KNNAccuracyCallback,
     alignment,

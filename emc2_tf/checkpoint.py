@@ -178,10 +178,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         to evaluate or export it) with a different `steps_per_epoch`.
         """
         if path is None:
-            path = self.manager.latest_checkpoint if self._write_directory == self.directory \
-                else tf.train.latest_checkpoint(self.directory)
-            if path is None:
+            # The state file's newest entry (the chief's, on every worker), without
+            # tf.train.latest_checkpoint's existence check: a damaged latest must be
+            # an error, not a silent fresh start.
+            recorded = list_checkpoints(self.directory)
+            if not recorded:
                 return None
+            path = recorded[-1]
         others = [p for p in list_checkpoints(self.directory) if p != path]
         hint = (f" Earlier checkpoints in {self.directory}: "
                 f"{', '.join(os.path.basename(p) for p in others)}; resume from one of them "

@@ -102,6 +102,11 @@ ENCODERS = {
 }
 
 
+def default_encoder_name(image_shape: tuple[int, ...]) -> str:
+    """The encoder for images of `image_shape`: `small_cnn` up to 28 px, `resnet18` above."""
+    return "small_cnn" if max(image_shape[:2]) <= 28 else "resnet18"
+
+
 def build_encoder(name: str, input_shape: tuple[int, int, int], **kwargs) -> keras.Model:
     """Builds a registered encoder by name (`small_cnn` | `resnet18`)."""
     if name not in ENCODERS:

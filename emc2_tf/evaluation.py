@@ -148,15 +148,27 @@ def effective_rank(embeddings: np.ndarray, epsilon: float = 1e-7) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def representation_metrics(encoder: keras.Model, images: np.ndarray, augment=None,
-                           seed: int = 0) -> dict[str, float]:
-    """Alignment, uniformity and effective rank of the encoder's `embedding` on `images`.
+def representation_metrics(encoder, images: np.ndarray, augment=None, seed: int = 0,
+                           embeddings: np.ndarray | None = None) -> dict[str, float]:
+    """Alignment, uniformity and effective rank of the L2-normalised embedding of `images`.
 
-    Alignment compares two augmented views of each image (`augment`, an
-    `AugmentConfig`; None: the images' digits defaults are not assumed, and
-    alignment is left out).
+    Args:
+        encoder: a Keras encoder (its `embedding` output is used), or any
+            function `images -> [n, D] embeddings` (e.g. a SavedModel's
+            serving signature).
+        augment: an `AugmentConfig`; alignment compares two views of each
+            image augmented with it (views seeded `[seed, 1]` and
+            `[seed, 2]`). None leaves alignment out.
+        embeddings: `images`' embeddings if already computed.
     """
-    z = embed(encoder, images, features="embedding")
+    if isinstance(encoder, keras.layers.Layer):
+        model = encoder
+
+        def embed_fn(x):
+            return embed(model, x, features="embedding")
+    else:
+        embed_fn = encoder
+    z = embed_fn(images) if embeddings is None else embeddings
     results = {"uniformity": uniformity(z), "effective_rank": effective_rank(z)}
     if augment is not None:
         from emc2_tf.data.augment import SimCLRAugment
@@ -166,8 +178,7 @@ def representation_metrics(encoder: keras.Model, images: np.ndarray, augment=Non
             augmenter(tf.constant(images, tf.float32), seed=tf.constant([seed, view], tf.int64))
             .numpy() for view in (1, 2)
         ]
-        results["alignment"] = alignment(embed(encoder, views[0], features="embedding"),
-                                         embed(encoder, views[1], features="embedding"))
+        results["alignment"] = alignment(embed_fn(views[0]), embed_fn(views[1]))
     return results
 
 

@@ -116,6 +116,11 @@ def test_representation_metrics_of_an_encoder():
     assert results["effective_rank"] == pytest.approx(emc2_tf.effective_rank(z))
     assert 0.0 < results["alignment"] < 4.0
     assert 1.0 <= results["effective_rank"] <= 64.0
+    # A plain embedding function (what trainers.evaluate passes for a SavedModel) agrees.
+    as_function = emc2_tf.representation_metrics(
+        lambda x: emc2_tf.embed(encoder, x, features="embedding"), images,
+        emc2_tf.AugmentConfig.for_dataset("digits"), seed=0)
+    assert as_function == results
     no_augment = emc2_tf.representation_metrics(encoder, images)
     assert "alignment" not in no_augment
 

@@ -94,7 +94,7 @@ def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
         data = load_data(program, run_flags.dataset, run_flags.data_dir)
     encoder_name = run_flags.encoder
     if encoder_name == "auto":
-        encoder_name = "small_cnn" if max(data.image_shape[:2]) <= 28 else "resnet18"
+        encoder_name = emc2_tf.encoders.default_encoder_name(data.image_shape)
     keras.utils.set_random_seed(run_flags.seed)
     with strategy.scope():
         encoder = emc2_tf.build_encoder(encoder_name, data.image_shape)
@@ -108,6 +108,32 @@ def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
         model.compile(optimizer=keras.optimizers.Adam(run_flags.learning_rate),
                       jit_compile=run_flags.jit_compile)
     return Run(data=data, encoder=encoder, encoder_name=encoder_name, model=model)
+
+
+def define_checkpoint_flags() -> None:
+    """`--checkpoint_dir` and `--checkpoint`: which trained run `evaluate`/`export` read."""
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint_dir", None,
+                        "A training run's checkpoint folder (holds flags.txt).")
+    flags.DEFINE_string("checkpoint", None,
+                        "A checkpoint prefix in --checkpoint_dir (e.g. .../ckpt-440); default "
+                        "the latest.")
+
+
+def load_trained_run(program: str, directory: str, checkpoint: str | None):
+    """Reads a run's flags.txt, builds its model and restores a checkpoint into it.
+
+    Returns `(run_flags, run, checkpoint_path)`; every failure is one line.
+    """
+    from trainers.run_flags import read_flags_file
+
+    try:
+        run_flags = read_flags_file(directory)
+    except (FileNotFoundError, ValueError) as error:
+        fail(program, f"--checkpoint_dir={directory}: {error}")
+    run = build_run(program, run_flags)
+    return run_flags, run, restore_trained(program, run, directory, checkpoint)
 
 
 def restore_trained(program: str, run: Run, directory: str, checkpoint: str | None) -> str:

@@ -21,14 +21,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainers.common import build_run, fail as _fail, load_data, restore_trained  # noqa: E402
-from trainers.run_flags import read_flags_file  # noqa: E402
+from trainers.common import (  # noqa: E402
+    define_checkpoint_flags,
+    fail as _fail,
+    load_data,
+    load_trained_run,
+)
 
 PROGRAM = "evaluate"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint_dir", None, "A training run's checkpoint folder (holds flags.txt).")
-flags.DEFINE_string("checkpoint", None,
-                    "A checkpoint prefix in --checkpoint_dir (e.g. .../ckpt-440); default the latest.")
+define_checkpoint_flags()
 flags.DEFINE_string("saved_model", None,
                     "Evaluate an exported SavedModel version folder instead (its `embedding`).")
 flags.DEFINE_string("dataset", None,
@@ -84,19 +86,13 @@ def main(argv):
 
     results = {}
     if FLAGS.checkpoint_dir is not None:
-        try:
-            run_flags = read_flags_file(FLAGS.checkpoint_dir)
-        except (FileNotFoundError, ValueError) as error:
-            fail(f"--checkpoint_dir={FLAGS.checkpoint_dir}: {error}")
+        run_flags, run, path = load_trained_run(PROGRAM, FLAGS.checkpoint_dir, FLAGS.checkpoint)
         dataset = FLAGS.dataset or run_flags.dataset
         data_dir = FLAGS.data_dir if FLAGS.data_dir is not None else run_flags.data_dir
-        run_data = load_data(PROGRAM, run_flags.dataset, run_flags.data_dir)
-        run = build_run(PROGRAM, run_flags, data=run_data)
-        path = restore_trained(PROGRAM, run, FLAGS.checkpoint_dir, FLAGS.checkpoint)
-        data = run_data if dataset == run_flags.dataset else load_data(PROGRAM, dataset, data_dir)
-        if data.image_shape != run_data.image_shape:
+        data = run.data if dataset == run_flags.dataset else load_data(PROGRAM, dataset, data_dir)
+        if data.image_shape != run.data.image_shape:
             fail(f"--dataset={dataset} has {data.image_shape} images; the encoder takes "
-                 f"{run_data.image_shape}.")
+                 f"{run.data.image_shape}.")
 
         def embed(images):
             return emc2_tf.embed(run.encoder, images, features=FLAGS.features)
@@ -122,12 +118,9 @@ def main(argv):
         results["linear_probe_accuracy"] = emc2_tf.linear_probe_accuracy(
             train, data.train_labels, test, data.test_labels)
     # Alignment (two augmented views), uniformity and effective rank of the embedding.
-    test_embedding = test if results["features"] == "embedding" else embed_output(data.test_images)
-    augmenter = emc2_tf.SimCLRAugment(emc2_tf.AugmentConfig.for_dataset(dataset))
-    views = [augmenter(data.test_images, seed=[FLAGS.seed, view]).numpy() for view in (1, 2)]
-    results["alignment"] = emc2_tf.alignment(embed_output(views[0]), embed_output(views[1]))
-    results["uniformity"] = emc2_tf.uniformity(test_embedding)
-    results["effective_rank"] = emc2_tf.effective_rank(test_embedding)
+    results.update(emc2_tf.representation_metrics(
+        embed_output, data.test_images, emc2_tf.AugmentConfig.for_dataset(dataset),
+        seed=FLAGS.seed, embeddings=test if results["features"] == "embedding" else None))
     if FLAGS.projector_dir:
         results["projector"] = emc2_tf.export_projector(test, data.test_labels, FLAGS.projector_dir)
     print(f"held-out 1-NN accuracy:         {results['knn_accuracy']:.4f}")
@@ -135,7 +128,8 @@ def main(argv):
         print(f"held-out linear-probe accuracy: {results['linear_probe_accuracy']:.4f}")
     print(f"alignment (lower: closer views): {results['alignment']:.4f}")
     print(f"uniformity (lower: more uniform): {results['uniformity']:.4f}")
-    print(f"effective rank (of D = {test_embedding.shape[1]}):     {results['effective_rank']:.2f}")
+    dimension = embed_output(data.test_images[:1]).shape[1]
+    print(f"effective rank (of D = {dimension}):     {results['effective_rank']:.2f}")
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)

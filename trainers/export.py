@@ -19,14 +19,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainers.common import build_run, fail as _fail, model_name, restore_trained  # noqa: E402
-from trainers.run_flags import read_flags_file  # noqa: E402
+from trainers.common import (  # noqa: E402
+    define_checkpoint_flags,
+    fail as _fail,
+    load_trained_run,
+    model_name,
+)
 
 PROGRAM = "export"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint_dir", None, "A training run's checkpoint folder (holds flags.txt).")
-flags.DEFINE_string("checkpoint", None,
-                    "A checkpoint prefix in --checkpoint_dir (e.g. .../ckpt-440); default the latest.")
+define_checkpoint_flags()
 flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).")
 flags.DEFINE_string("model_name", None, "Exported model's name; default the run's --model_name.")
 flags.mark_flag_as_required("checkpoint_dir")
@@ -42,12 +44,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import emc2_tf
 
-    try:
-        run_flags = read_flags_file(FLAGS.checkpoint_dir)
-    except (FileNotFoundError, ValueError) as error:
-        fail(f"--checkpoint_dir={FLAGS.checkpoint_dir}: {error}")
-    run = build_run(PROGRAM, run_flags)
-    path = restore_trained(PROGRAM, run, FLAGS.checkpoint_dir, FLAGS.checkpoint)
+    run_flags, run, path = load_trained_run(PROGRAM, FLAGS.checkpoint_dir, FLAGS.checkpoint)
     name = FLAGS.model_name or model_name(run_flags)
     try:
         export_path = emc2_tf.export_encoder(run.encoder, FLAGS.export_dir, name)

@@ -31,6 +31,7 @@ from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     check_method_flags,
     checkpoint_dir,
     fail as _fail,
+    load_data,
     model_name,
 )
 from trainers.run_flags import (  # noqa: E402
@@ -146,8 +147,6 @@ def run() -> dict:
              f"{replicas} replicas of --strategy={FLAGS.strategy}; use a multiple of {replicas}.")
     chief = emc2_tf.is_chief(strategy)
     name = model_name(FLAGS)
-    from trainers.common import load_data
-
     data = load_data(PROGRAM, FLAGS.dataset, FLAGS.data_dir)
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
