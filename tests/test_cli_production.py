@@ -146,6 +146,11 @@ def test_run_folder_guards_and_flagfile_repeat_the_run(reference, tmp_path):
     result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--tensorboard_dir="])
     assert result.returncode == 2
     assert "holds checkpoints of an earlier run (latest ckpt-66); pass --resume" in result.stderr
+    # A bad flag is reported as such, even in a folder holding checkpoints (what a
+    # user who ran `make demo` first sees with the default --checkpoint_dir).
+    result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--tensorboard_dir=",
+                         "--dataset=fashion_mnist", f"--data_dir={tmp_path}"])
+    assert result.returncode == 2 and "apt-get install dataset-fashion-mnist" in result.stderr
     # --resume refuses a changed run-defining flag.
     result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--resume",
                          "--batch_size=32"])

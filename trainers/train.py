@@ -127,11 +127,6 @@ def run() -> dict:
     resume = FLAGS.resume or FLAGS.resume_from is not None
     if not directory and resume:
         fail("--resume needs checkpoints: --checkpoint_dir is empty.")
-    existing = emc2_tf.list_checkpoints(directory) if directory else []
-    if existing and not resume and not FLAGS.overwrite:
-        fail(f"--checkpoint_dir={directory} holds checkpoints of an earlier run (latest "
-             f"{os.path.basename(existing[-1])}); pass --resume to continue it, --overwrite to "
-             "delete them and start afresh, or choose another --checkpoint_dir/--model_name.")
     if FLAGS.cpu_devices:
         try:
             emc2_tf.split_cpu(FLAGS.cpu_devices)
@@ -150,6 +145,13 @@ def run() -> dict:
     data = load_data(PROGRAM, FLAGS.dataset, FLAGS.data_dir)
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
+    # After the flags, the strategy and the data are known to be valid (their
+    # errors come first), before anything is built or written.
+    existing = emc2_tf.list_checkpoints(directory) if directory else []
+    if existing and not resume and not FLAGS.overwrite:
+        fail(f"--checkpoint_dir={directory} holds checkpoints of an earlier run (latest "
+             f"{os.path.basename(existing[-1])}); pass --resume to continue it, --overwrite to "
+             "delete them and start afresh, or choose another --checkpoint_dir/--model_name.")
     built = build_run(PROGRAM, FLAGS, strategy, data)
     encoder, model, encoder_name = built.encoder, built.model, built.encoder_name
     temperature = model.temperature
