@@ -27,7 +27,35 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--worker_timeout", type=float, default=60.0)
+    parser.add_argument("--fixed_draws", action="store_true",
+                        help="emc2: MH uniforms from one fixed [steps, 2, 2B, B] table, each "
+                             "replica taking its own chains' columns, so runs with any replica "
+                             "count see the same draws per image")
     return parser.parse_args(argv)
+
+
+def use_fixed_draws(model, steps, batch_size):
+    """Replaces `model.random_uniform` (the only source of MH draws) by a fixed table."""
+    import tensorflow as tf
+
+    table = tf.constant(np.random.default_rng(1).random(
+        (max(steps, 1), 2, 2 * batch_size, batch_size)).astype(np.float32))
+
+    def fixed_draws(shape):
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else context.replica_id_in_sync_group
+        chains = tf.cast(shape[2], tf.int32)
+        first = tf.cast(replica, tf.int32) * chains
+        draws = tf.gather(table, model.optimizer.iterations)  # this step's [2, 2B, B]
+        return tf.gather(draws, tf.range(first, first + chains), axis=2)
+
+    model.random_uniform = fixed_draws
+
+
+def replica_draws(strategy, model):
+    """Each replica's `model.random_uniform([2, 4, 3])`, stacked `[replicas, 2, 4, 3]`."""
+    draws = strategy.run(lambda: model.random_uniform([2, 4, 3]))
+    return np.stack([np.asarray(d) for d in strategy.experimental_local_results(draws)])
 
 
 def local_values(variable):
@@ -63,10 +91,14 @@ def main(argv):
         model = emc2_tf.build_model(args.method, encoder=encoder, dataset_size=len(images),
                                     temperature=args.temperature, seed=0, **options)
         model.compile(optimizer=keras.optimizers.SGD(0.5))
+    if args.fixed_draws:
+        use_fixed_draws(model, args.steps, args.batch_size)
     loss = np.nan
     if args.steps:
         loss = model.fit(dataset, epochs=1, verbose=0).history["loss"][-1]
     state = {"replicas": strategy.num_replicas_in_sync, "loss": loss}
+    if args.method == "emc2" and not args.fixed_draws:  # after training: changes nothing above
+        state["mh_draws_per_replica"] = replica_draws(strategy, model)
     for weight in model.weights:
         name = weight.path.replace("/", ".")
         copies = local_values(weight)

@@ -41,17 +41,26 @@ def _assert_replicas_identical(run):
 @pytest.mark.parametrize("method, extra", [
     ("simclr", []),
     ("sogclr", []),
-    # τ = 1e9: every MH proposal is accepted, so the chains are deterministic and
-    # must end on the last candidate of the *global* batch, as with one replica.
-    ("emc2", ["--temperature=1e9"]),
+    # τ = 0.1 with the same MH draws per image (each replica takes its chains'
+    # columns of one fixed table): chains, scores and weights must equal the
+    # 1-replica run's, which needs the global batch's candidates, the
+    # replica's own chains and an all-gathered write-back.
+    ("emc2", ["--fixed_draws"]),
 ])
 def test_two_replicas_match_one_replica(tmp_path, method, extra):
+    """Two mirrored replicas = one device, weight for weight (and state for state).
+
+    Catches: an in-batch loss or EMC² scan over the replica's batch only
+    (local candidates), a loss not divided by the replica count, a chain
+    write-back that keeps only one replica's rows, a replica scanning the
+    wrong chains' draws.
+    """
     one = _train(tmp_path, "one", "--strategy=default", f"--method={method}", *extra)
     two = _train(tmp_path, "two", "--strategy=mirrored", f"--method={method}", *extra)
     assert int(one["replicas"]) == 1 and int(two["replicas"]) == 2
     _assert_replicas_identical(two)
     for key in one:
-        if key.endswith(".copies") or key == "replicas":
+        if key.endswith(".copies") or key in ("replicas", "mh_draws_per_replica"):
             continue
         if one[key].dtype.kind == "f":
             finite = np.isfinite(one[key])
@@ -64,11 +73,20 @@ def test_two_replicas_match_one_replica(tmp_path, method, extra):
 
 
 def test_emc2_chain_tables_identical_across_replicas_and_valid(tmp_path):
-    """τ = 0.1: the replicas draw their own uniforms, so the chains differ from the
-    1-replica run draw for draw, but the updated rows are the same and valid."""
+    """τ = 0.1 with the model's own draws: each replica draws its own uniforms, and
+    every replica ends with the same, valid chain table.
+
+    Catches: the same MH draws on every replica (the replica id not folded
+    into the seed: replicas' chains would be driven by identical uniforms),
+    replicas whose tables diverge.
+    """
     one = _train(tmp_path, "one", "--strategy=default", "--method=emc2")
     two = _train(tmp_path, "two", "--strategy=mirrored", "--method=emc2")
     _assert_replicas_identical(two)
+    draws = two["mh_draws_per_replica"]
+    assert draws.shape == (2, 2, 4, 3)
+    assert np.abs(draws[0] - draws[1]).min() > 0  # independent streams, not one shared
+    assert ((draws > 0) & (draws < 1)).all()
     index_one, index_two = _state(one, "chain_index"), _state(two, "chain_index")
     score_two = _state(two, "chain_log_score")
     n = len(index_two)

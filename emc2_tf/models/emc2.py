@@ -43,6 +43,12 @@ from emc2_tf.samplers.metropolis_hastings import (
     mh_scan,
 )
 
+#: What a recorded step on a chain's out-of-batch negative contributes:
+#: "reencode" = that negative re-encoded with the current weights, with
+#: gradient (the algorithm as the paper states it); "drop" = nothing, while
+#: still counting in the normaliser (the official main_mcmc estimator).
+OUT_OF_BATCH_MODES = ("reencode", "drop")
+
 #: Largest in-memory image table accepted by default (bytes, float32).
 DEFAULT_MAX_IMAGE_TABLE_BYTES = 2 * 1024**3
 
@@ -121,6 +127,18 @@ class EMC2Model(ContrastiveModel):
             weights before each pass instead of the stored, stale score (the
             paper's theory; official `--finite_aug`). Proposing the current
             state itself is a self-transition, so it needs no extra candidate.
+        out_of_batch: `"reencode"` or `"drop"`, what a recorded step still on
+            the chain's out-of-batch negative from an earlier step adds
+            (algorithms.md §2, step 5): `"reencode"` adds that negative
+            re-encoded with the current weights, with gradient, and counts
+            the step; `"drop"` adds nothing but still counts the step in the
+            normaliser, which is the official `main_mcmc` estimator (its
+            out-of-batch term is never added at `--mcmc_burn_in 0.5`). With
+            `"drop"` and no `exact_ratio` nothing is re-encoded.
+        waste_recycling: each recorded step adds `α f(candidate) + (1 − α)
+            f(current state)`, α its MH acceptance probability, instead of
+            `f(state after the step)`: the same expectation and a lower
+            variance, at no extra compute (beyond the paper).
         seed: seed of the MH uniforms.
         max_image_table_bytes: refuse an image table larger than this.
 
@@ -153,6 +171,8 @@ class EMC2Model(ContrastiveModel):
         temperature: float = 0.07,
         burn_in: int | None = None,
         exact_ratio: bool = False,
+        out_of_batch: str = "reencode",
+        waste_recycling: bool = False,
         seed: int | None = None,
         max_image_table_bytes: int = DEFAULT_MAX_IMAGE_TABLE_BYTES,
         **kwargs: Any,
@@ -164,6 +184,12 @@ class EMC2Model(ContrastiveModel):
             raise ValueError(f"burn_in must be None (B − 1) or an integer ≥ 0; got {burn_in!r}.")
         self.burn_in = None if burn_in is None else int(burn_in)
         self.exact_ratio = bool(exact_ratio)
+        if out_of_batch not in OUT_OF_BATCH_MODES:
+            raise ValueError(
+                f"out_of_batch must be one of {', '.join(OUT_OF_BATCH_MODES)}; got {out_of_batch!r}."
+            )
+        self.out_of_batch = out_of_batch
+        self.waste_recycling = bool(waste_recycling)
         self._image_table = _ImageTable(
             _check_image_table(images, self.dataset_size, max_image_table_bytes)
         )
@@ -203,24 +229,14 @@ class EMC2Model(ContrastiveModel):
         old_index = tf.gather(self.chain_index.value, index)
         old_log_score = tf.gather(self.chain_log_score.value, index)
         has_state = old_index >= 0
-
-        # Step 5: the chain's out-of-batch negative, re-encoded now.
-        old_images = tf.gather(self.images, tf.maximum(old_index, 0))
-        old_embeddings = tf.cast(self.encoder(old_images, training=training), embeddings.dtype)
-        out_of_batch_logits = beta * tf.stack(
-            [
-                tf.reduce_sum(view1 * old_embeddings, axis=-1),
-                tf.reduce_sum(view2 * old_embeddings, axis=-1),
-            ]
-        )  # [2, B]
+        out_of_batch_logits = self._out_of_batch_logits(view1, view2, old_index, beta, training)
 
         minus_inf = tf.fill(tf.shape(old_log_score), tf.constant(-np.inf, old_log_score.dtype))
         if self.exact_ratio:
-            initial_log_score = tf.where(
-                has_state, tf.stop_gradient(out_of_batch_logits[0]), minus_inf
-            )
+            current = tf.stop_gradient(out_of_batch_logits[0])
         else:
-            initial_log_score = tf.where(has_state, old_log_score, minus_inf)
+            current = old_log_score
+        initial_log_score = tf.where(has_state, current, minus_inf)
 
         burn_in = default_burn_in(global_batch_size) if self.burn_in is None else self.burn_in
         log_uniforms = tf.math.log(self.random_uniform([2, 2 * global_batch_size, batch_size]))
@@ -231,14 +247,14 @@ class EMC2Model(ContrastiveModel):
             initial_log_score,
             burn_in,
             refresh_log_score_between_passes=self.exact_ratio,
-            out_of_batch_logits=tf.stop_gradient(out_of_batch_logits),
+            out_of_batch_logits=(
+                None if out_of_batch_logits is None else tf.stop_gradient(out_of_batch_logits)
+            ),
         )
 
         # Steps 5-6: ergodic average with gradient through anchors and negatives.
-        extended_logits = tf.concat([anchor_logits, out_of_batch_logits[..., None]], axis=-1)
-        recorded = scan.recorded & ((scan.states >= 0) | has_state[None, :, None])
-        negative_term = emc2_negative_term(extended_logits, scan.states, recorded)  # [2, B]
-        positive_term = beta * tf.reduce_sum(view1 * view2, axis=-1)  # [B]
+        negative_term = self._negative_term(anchor_logits, out_of_batch_logits, scan, has_state)
+        positive_term = beta * tf.reduce_sum(view1 * view2, axis=-1)  # [b]
         loss = tf.reduce_mean(negative_term) - tf.reduce_mean(positive_term)
 
         # Step 7: write back the batch's chains.
@@ -260,3 +276,67 @@ class EMC2Model(ContrastiveModel):
             "acceptance_rate": acceptance_rate,
             "out_of_batch_fraction": out_of_batch_fraction,
         }
+
+    def _out_of_batch_logits(self, view1, view2, old_index, beta, training):
+        """`β s(anchor_p, z_state)` `[2, b]` of each chain's stored negative, re-encoded now.
+
+        With gradient for `out_of_batch="reencode"` (the estimator uses it);
+        forward-only for `"drop"` with `exact_ratio` (it only feeds the MH
+        test); None for `"drop"` without `exact_ratio` (nothing needs it).
+        """
+        if self.out_of_batch == "drop" and not self.exact_ratio:
+            return None
+        old_images = tf.gather(self.images, tf.maximum(old_index, 0))
+        old_embeddings = tf.cast(self.encoder(old_images, training=training), view1.dtype)
+        if self.out_of_batch == "drop":
+            old_embeddings = tf.stop_gradient(old_embeddings)
+        return beta * tf.stack(
+            [
+                tf.reduce_sum(view1 * old_embeddings, axis=-1),
+                tf.reduce_sum(view2 * old_embeddings, axis=-1),
+            ]
+        )
+
+    def _negative_term(self, anchor_logits, out_of_batch_logits, scan, has_state):
+        """`[2, b]` negative term of each anchor (algorithms.md §2, step 5).
+
+        A step whose state is the chain's out-of-batch negative counts with
+        that negative's re-encoded score (`"reencode"`, only if the chain has
+        a stored state) or adds nothing while still counting in the
+        normaliser (`"drop"`, the official estimator). With waste recycling
+        step k adds `α_k f(candidate_k) + (1 − α_k) f(state before k)`
+        instead of `f(state after k)`: the same expectation, lower variance.
+        """
+        if out_of_batch_logits is None:
+            out_of_batch_logits = tf.zeros_like(anchor_logits[..., 0])
+        extended = tf.concat([anchor_logits, out_of_batch_logits[..., None]], axis=-1)
+        recorded = tf.cast(scan.recorded, anchor_logits.dtype)
+        stored = has_state[None, :, None]
+
+        def value_weight(states):  # does the step's state add its score?
+            usable = (states >= 0) | (stored if self.out_of_batch == "reencode" else False)
+            return tf.cast(usable, recorded.dtype)
+
+        def count_weight(states):  # does the step count in the normaliser?
+            if self.out_of_batch == "drop":
+                return tf.ones_like(recorded)
+            return value_weight(states)
+
+        if not self.waste_recycling:
+            normaliser = tf.reduce_sum(recorded * count_weight(scan.states), axis=-1)
+            return emc2_negative_term(
+                extended, scan.states, recorded * value_weight(scan.states), normaliser
+            )
+        alpha = tf.cast(scan.accept_probability, recorded.dtype)
+        previous = scan.previous_states
+        candidates = tf.broadcast_to(
+            tf.range(tf.shape(scan.states)[-1], dtype=scan.states.dtype), tf.shape(scan.states)
+        )
+        # Every recorded step counts once: a step before the first acceptance
+        # of an empty chain has α = 1, so its (1 − α) share is always 0.
+        normaliser = tf.reduce_sum(recorded, axis=-1)
+        from_candidates = emc2_negative_term(extended, candidates, recorded * alpha, normaliser)
+        from_previous = emc2_negative_term(
+            extended, previous, recorded * (1.0 - alpha) * value_weight(previous), normaliser
+        )
+        return from_candidates + from_previous

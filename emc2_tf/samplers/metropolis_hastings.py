@@ -44,6 +44,12 @@ class MHScanResult(NamedTuple):
         recorded: bool `[2, B, 2B]`: which steps are recorded in the ergodic
             average (valid candidates after the burn-in).
         accepted: bool `[2, B, 2B]`: which MH steps accepted their candidate.
+        accept_probability: float `[2, B, 2B]`: the MH acceptance probability
+            `α = min(1, exp(β S[a, c] − log_score))` of each step, from the
+            score held before the step (0 for an invalid candidate): the
+            weights of waste recycling.
+        previous_states: int32 `[2, B, 2B]`: the chain's state before each
+            step (`OUT_OF_BATCH` before the first acceptance).
         valid: bool `[B, 2B]`: which candidates may be proposed to each chain.
         final_state: int32 `[B]`: the chain's state after the last step.
         final_log_score: float32 `[B]`: `β s` of that state, as accepted.
@@ -52,6 +58,8 @@ class MHScanResult(NamedTuple):
     states: tf.Tensor
     recorded: tf.Tensor
     accepted: tf.Tensor
+    accept_probability: tf.Tensor
+    previous_states: tf.Tensor
     valid: tf.Tensor
     final_state: tf.Tensor
     final_log_score: tf.Tensor
@@ -118,7 +126,13 @@ def mh_scan(
         initial_log_score: float `[B]`, the log score of each chain's state
             before the step (`−inf` for an empty chain).
         burn_in: int scalar `P`: the first `P` *valid* steps of each pass are
-            not recorded.
+            not recorded. At the official default `P = B − 1` this equals the
+            official rule (raw candidate column `j > P`). For other `P` the
+            official rule records a number of steps that differs from its own
+            normaliser `2(B − 1) − P` (at `P = 0`: `2B − 3` recorded steps for
+            most anchors, divided by `2B − 2`); counting valid steps records
+            exactly `2(B − 1) − P` steps per pass for a batch of distinct
+            images, the count the normaliser assumes.
         refresh_log_score_between_passes: exact-ratio variant: before pass 1
             the current state's score is recomputed against the view-2
             anchor (from `logits`, or `out_of_batch_logits[1]` while the chain
@@ -137,12 +151,17 @@ def mh_scan(
     valid_by_step = tf.transpose(valid)  # [2B, B]
 
     def mh_step(carry, elem):
-        state, log_score, _ = carry
+        state, log_score, _, _ = carry
         candidate_logit, candidate_valid, log_u, position = elem
         accept = candidate_valid & (log_u < candidate_logit - log_score)
+        probability = tf.where(
+            candidate_valid,
+            metropolis_hastings_accept_probability(candidate_logit, log_score),
+            tf.zeros_like(log_score),
+        )
         state = tf.where(accept, position, state)
         log_score = tf.where(accept, candidate_logit, log_score)
-        return state, log_score, accept
+        return state, log_score, accept, probability
 
     def run_pass(pass_id, state, log_score):
         elems = (
@@ -151,13 +170,14 @@ def mh_scan(
             log_uniforms[pass_id],
             steps,
         )
-        init = (state, log_score, tf.zeros([batch_size], tf.bool))
-        states, log_scores, accepted = tf.scan(mh_step, elems, initializer=init)
-        return states, log_scores, accepted  # each [2B, B]
+        init = (state, log_score, tf.zeros([batch_size], tf.bool), tf.zeros_like(log_score))
+        states, log_scores, accepted, probability = tf.scan(mh_step, elems, initializer=init)
+        previous = tf.concat([state[None], states[:-1]], axis=0)
+        return states, log_scores, accepted, probability, previous  # each [2B, B]
 
     state0 = tf.fill([batch_size], tf.constant(OUT_OF_BATCH, tf.int32))
     log_score0 = tf.cast(initial_log_score, logits.dtype)
-    states_a, scores_a, accepted_a = run_pass(0, state0, log_score0)
+    states_a, scores_a, accepted_a, probability_a, previous_a = run_pass(0, state0, log_score0)
 
     state1, log_score1 = states_a[-1], scores_a[-1]
     if refresh_log_score_between_passes:
@@ -176,7 +196,7 @@ def mh_scan(
         log_score1 = tf.where(
             (state1 < 0) & tf.math.is_inf(log_score1), log_score1, refreshed
         )
-    states_b, scores_b, accepted_b = run_pass(1, state1, log_score1)
+    states_b, scores_b, accepted_b, probability_b, previous_b = run_pass(1, state1, log_score1)
 
     # Burn-in counts valid steps: step c of a pass is recorded iff it is
     # valid and more than P valid steps have been taken up to and including c.
@@ -185,10 +205,14 @@ def mh_scan(
     recorded = tf.stack([recorded_one, recorded_one])
     states = tf.stack([tf.transpose(states_a), tf.transpose(states_b)])
     accepted = tf.stack([tf.transpose(accepted_a), tf.transpose(accepted_b)])
+    probability = tf.stack([tf.transpose(probability_a), tf.transpose(probability_b)])
+    previous = tf.stack([tf.transpose(previous_a), tf.transpose(previous_b)])
     return MHScanResult(
         states=states,
         recorded=recorded,
         accepted=accepted,
+        accept_probability=probability,
+        previous_states=previous,
         valid=valid,
         final_state=states_b[-1],
         final_log_score=scores_b[-1],
@@ -196,9 +220,12 @@ def mh_scan(
 
 
 def emc2_negative_term(
-    extended_logits: tf.Tensor, states: tf.Tensor, recorded: tf.Tensor
+    extended_logits: tf.Tensor,
+    states: tf.Tensor,
+    weights: tf.Tensor,
+    normaliser: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """Ergodic average `mean_k β s(a, z_k)` over each anchor's recorded states.
+    """Ergodic average `Σ_k w_k β s(a, z_k) / n` over each anchor's recorded states.
 
     This is the negative term of the EMC² surrogate loss (algorithms.md §2,
     step 5); its gradient, through both the anchor and the negatives, is the
@@ -208,18 +235,20 @@ def emc2_negative_term(
         extended_logits: float `[..., A, K + 1]`, `β s(a, c)` for the K in-batch
             candidates followed by one column for the anchor's out-of-batch
             state. Carries the gradient.
-        states: int `[..., A, T]`, recorded candidate positions in `[0, K)` or
+        states: int `[..., A, T]`, candidate positions in `[0, K)` or
             `OUT_OF_BATCH` (mapped to the last column).
-        recorded: bool `[..., A, T]`, which of the T steps count.
+        weights: bool or float `[..., A, T]`: how much each of the T steps
+            counts (the recorded steps; waste recycling's α or 1 − α).
+        normaliser: float `[..., A]`, `n`; default `Σ_k w_k`.
 
     Returns:
-        float `[..., A]`: the weighted mean; 0 for an anchor with no recorded
-        step.
+        float `[..., A]`; 0 for an anchor whose normaliser is 0.
     """
     num_columns = tf.shape(extended_logits)[-1]
     columns = tf.where(states >= 0, states, num_columns - 1)
     batch_dims = len(states.shape) - 1
     picked = tf.gather(extended_logits, columns, axis=-1, batch_dims=batch_dims)
-    weights = tf.cast(recorded, extended_logits.dtype)
-    count = tf.reduce_sum(weights, axis=-1)
-    return tf.math.divide_no_nan(tf.reduce_sum(picked * weights, axis=-1), count)
+    weights = tf.cast(weights, extended_logits.dtype)
+    if normaliser is None:
+        normaliser = tf.reduce_sum(weights, axis=-1)
+    return tf.math.divide_no_nan(tf.reduce_sum(picked * weights, axis=-1), normaliser)

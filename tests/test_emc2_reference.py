@@ -1,0 +1,312 @@
+"""EMC² pinned to plain float64 references, draw for draw (algorithms.md §2).
+
+The sampler (`mh_scan`) against a sequential NumPy loop; `EMC2Model.contrastive_loss`
+(value, gradient with respect to the encoder weights, written-back chains,
+logged scalars) against a float64 reference of the algorithm with the same
+MH draws; `out_of_batch="drop"` against the official `main_mcmc` estimator;
+XLA against eager. `model.random_uniform(shape)` is the one source of MH
+draws, so each test replaces it with fixed draws of shape `[2, 2B, b]`.
+"""
+
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import emc2_tf
+from emc2_tf.samplers import candidate_mask, mh_scan
+
+import emc2_reference as ref
+
+N, B, TAU = 12, 6, 0.25
+
+
+def _scan_inputs(seed, batch_index, view_logits_differ=True):
+    rng = np.random.default_rng(seed)
+    b = len(batch_index)
+    logits = rng.normal(scale=3.0, size=(2, b, 2 * b)).astype(np.float32)
+    if not view_logits_differ:
+        logits[1] = logits[0]
+    log_u = np.log(rng.random((2, 2 * b, b))).astype(np.float32)
+    return logits, log_u
+
+
+# Chains: 0 empty (−inf), 1 sticky (a stale score no candidate beats),
+# 2..5 on stored out-of-batch negatives with ordinary scores.
+INITIAL = np.array([-np.inf, 1e3, 0.5, -1.0, 2.0, 0.0], np.float32)
+
+
+@pytest.mark.parametrize("batch_index", [[0, 1, 2, 3, 4, 5], [0, 1, 2, 1, 4, 5]],
+                         ids=["distinct", "repeated-image"])
+@pytest.mark.parametrize("burn_in", [5, 0, 3, 9])
+@pytest.mark.parametrize("refresh", [False, True])
+@pytest.mark.parametrize("view_logits_differ", [True, False])
+def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, refresh,
+                                                        view_logits_differ):
+    """`mh_scan` = the one-chain-at-a-time loop: states, states before each step,
+    accept decisions and probabilities, recorded steps, final state and score.
+
+    Catches: recording every step (no burn-in) or counting burn-in in raw
+    columns, pass 1 anchoring view 1 again, a refresh scored against the
+    view-1 anchor or skipped, an accept test with the wrong sign or a
+    stale score carried wrongly between passes, self/positive proposed,
+    waste-recycling probabilities from the score after the step.
+    """
+    index = np.array(batch_index, np.int32)
+    logits, log_u = _scan_inputs(len(batch_index) + burn_in, index, view_logits_differ)
+    out_of_batch = np.random.default_rng(7).normal(size=(2, len(index))).astype(np.float32)
+    valid = ref.valid_candidates(index)
+    got = mh_scan(tf.constant(logits), candidate_mask(tf.constant(index)), tf.constant(log_u),
+                  tf.constant(INITIAL), burn_in, refresh_log_score_between_passes=refresh,
+                  out_of_batch_logits=tf.constant(out_of_batch))
+    want = ref.reference_scan(logits, valid, log_u, INITIAL, burn_in, refresh, out_of_batch)
+    np.testing.assert_array_equal(got.valid.numpy(), valid)
+    for name in ("states", "previous_states", "accepted", "recorded"):
+        np.testing.assert_array_equal(getattr(got, name).numpy(), getattr(want, name), err_msg=name)
+    np.testing.assert_allclose(got.accept_probability.numpy(), want.accept_probability,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got.final_state.numpy(), want.final_state)
+    np.testing.assert_allclose(got.final_log_score.numpy(), want.final_log_score, rtol=1e-6)
+    # The cases cover what they claim: an empty chain accepted, the sticky one never did
+    # (without refresh), and at least one chain ended still on its out-of-batch state.
+    assert want.accepted[:, 0].any()
+    if not refresh:
+        assert not want.accepted[:, 1].any() and (want.states[:, 1] == ref.OUT_OF_BATCH).all()
+
+
+# ---- The model's loss against the float64 reference ------------------------------------
+
+
+class _Fixture:
+    """A tiny encoder (Flatten → Dense(3) → unit norm) and a batch with every kind of chain."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        keras.utils.set_random_seed(seed)
+        self.encoder = keras.Sequential([
+            keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(3),
+            keras.layers.UnitNormalization()])
+        self.images = rng.random((N, 2, 2, 1)).astype(np.float32)
+        self.images[11] = self.images[3] + 0.01  # a near-duplicate of image 3
+        self.index = np.array([3, 0, 5, 7, 5, 9], np.int32)  # image 5 twice
+        noise = lambda: rng.normal(scale=0.1, size=(B, 2, 2, 1))  # noqa: E731
+        self.view1 = (self.images[self.index] + noise()).astype(np.float32)
+        self.view2 = (self.images[self.index] + noise()).astype(np.float32)
+        # Chains: 3 → its near-duplicate 11 with a true, high score (sticky under exact
+        # ratio); 0 empty; 5 stale but ordinary; 7 with an absurd stale score (sticky
+        # without exact ratio); 9 on image 2.
+        self.chain_index = np.full(N, -1, np.int32)
+        self.chain_log_score = np.full(N, -np.inf, np.float32)
+        for image, state, score in ((3, 11, 1.0 / TAU), (5, 8, 0.3), (7, 1, 1e3), (9, 2, -1.0)):
+            self.chain_index[image], self.chain_log_score[image] = state, score
+        self.uniforms = rng.random((2, 2 * B, B)).astype(np.float32)
+
+    @property
+    def params(self):
+        kernel, bias = self.encoder.get_weights()
+        return [kernel.astype(np.float64), bias.astype(np.float64)]
+
+    def model(self, **options):
+        model = emc2_tf.EMC2Model(encoder=self.encoder, dataset_size=N, images=self.images,
+                                  temperature=TAU, seed=0, **options)
+        model.chain_index.assign(self.chain_index)
+        model.chain_log_score.assign(self.chain_log_score)
+        uniforms = tf.constant(self.uniforms)
+
+        def fixed_draws(shape):
+            # The draws' contract (checked eagerly; under XLA asserts are dropped).
+            tf.debugging.assert_equal(tf.cast(tf.stack(shape), tf.int32), [2, 2 * B, B])
+            return uniforms
+
+        model.random_uniform = fixed_draws
+        return model
+
+    def reference(self, params=None, scan=None, **options):
+        return ref.emc2_step(self.params if params is None else params, self.images, self.index,
+                             self.view1, self.view2, self.chain_index, self.chain_log_score,
+                             self.uniforms, TAU, scan=scan, **options)
+
+    def model_step(self, model, jit_compile=False):
+        index = tf.constant(self.index)
+        views = tf.constant(np.concatenate([self.view1, self.view2]))
+        variables = self.encoder.trainable_variables
+
+        def step():
+            with tf.GradientTape() as tape:
+                loss, scalars = model.contrastive_loss(index, self.encoder(views))
+            return loss, scalars, tape.gradient(loss, variables)
+
+        if jit_compile:
+            step = tf.function(step, jit_compile=True)
+        loss, scalars, gradients = step()
+        return (float(loss), {k: float(v) for k, v in scalars.items()},
+                [g.numpy() for g in gradients])
+
+
+def _numeric_gradient(fixture, scan, options, h=1e-6):
+    """Central differences of the float64 reference at fixed draws and accept decisions."""
+    params = fixture.params
+    gradients = []
+    for which, value in enumerate(params):
+        grad = np.zeros_like(value)
+        for position in np.ndindex(value.shape):
+            shifted = []
+            for sign in (1, -1):
+                moved = [p.copy() for p in params]
+                moved[which][position] += sign * h
+                shifted.append(fixture.reference(moved, scan=scan, **options).loss)
+            grad[position] = (shifted[0] - shifted[1]) / (2 * h)
+        gradients.append(grad)
+    return gradients
+
+
+OPTIONS = [
+    dict(out_of_batch=mode, exact_ratio=exact, burn_in=burn_in, waste_recycling=recycle)
+    for mode in ("reencode", "drop") for exact in (False, True)
+    for burn_in in (None, 1) for recycle in (False, True)
+]
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return _Fixture()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(
+    f"{k}={v}" for k, v in o.items()))
+def test_loss_gradient_state_and_scalars_equal_the_float64_reference(fixture, options):
+    """`contrastive_loss` = algorithms.md §2 in float64 NumPy, on the same draws.
+
+    Checks the loss, its gradient with respect to the encoder weights (against
+    central differences of the reference at fixed accept decisions), the
+    written-back `chain_index`/`chain_log_score`, and the logged
+    `acceptance_rate` and `out_of_batch_fraction` against counts from the
+    reference scan.
+
+    Catches: `stop_gradient` on the negatives (gradient through anchors
+    only), the re-encoded out-of-batch negative replaced by zeros or left
+    without gradient, out-of-batch steps added in "drop" mode or left out of
+    its normaliser, `exact_ratio` using the stale stored score for the first
+    pass, the refresh scored against the view-1 anchor, pass 1 anchoring
+    view 1 again, no burn-in, waste recycling with the wrong weights, a
+    write-back of the wrong rows or scores, `acceptance_rate` logged at half
+    (or any other multiple of) its value.
+    """
+    model = fixture.model(**options)
+    loss, scalars, gradients = fixture.model_step(model)
+    want = fixture.reference(**options)
+    assert loss == pytest.approx(want.loss, rel=1e-5, abs=1e-5)
+    for got, expected in zip(gradients, _numeric_gradient(fixture, want.scan, options)):
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
+
+    scan = want.scan
+    assert scalars["acceptance_rate"] == pytest.approx(
+        scan.accepted.sum() / (2 * scan.valid.sum()), rel=1e-6)
+    assert scalars["out_of_batch_fraction"] == pytest.approx((scan.final_state < 0).mean())
+    candidates = np.concatenate([fixture.index, fixture.index])
+    old = fixture.chain_index[fixture.index]
+    new_index = np.where(scan.final_state >= 0, candidates[np.maximum(scan.final_state, 0)], old)
+    chain_index, chain_log_score = model.chain_index.numpy(), model.chain_log_score.numpy()
+    for row, image in enumerate(fixture.index):
+        rows = np.flatnonzero(fixture.index == image)  # a repeated image: either row's result
+        assert any(chain_index[image] == new_index[r] and chain_log_score[image] ==
+                   pytest.approx(scan.final_log_score[r], rel=1e-5) for r in rows), image
+    untouched = np.setdiff1d(np.arange(N), fixture.index)
+    np.testing.assert_array_equal(chain_index[untouched], fixture.chain_index[untouched])
+
+
+def test_the_fixture_exercises_every_kind_of_step(fixture):
+    """The reference cases are not vacuous: recorded out-of-batch steps exist (so
+    "reencode" and "drop" differ), waste recycling changes the loss, exact
+    ratio changes the decisions, and the burn-in changes what is recorded."""
+    base = fixture.reference()
+    assert (base.scan.recorded & (base.scan.states < 0)).any()
+    assert fixture.reference(out_of_batch="drop").loss != pytest.approx(base.loss, rel=1e-3)
+    assert fixture.reference(waste_recycling=True).loss != pytest.approx(base.loss, rel=1e-3)
+    assert (fixture.reference(exact_ratio=True).scan.accepted != base.scan.accepted).any()
+    assert fixture.reference(burn_in=1).scan.recorded.sum() > base.scan.recorded.sum()
+
+
+def test_drop_equals_the_official_main_mcmc_estimator():
+    """`out_of_batch="drop"` at the default burn-in = the official `main_mcmc` estimator,
+    normaliser included: value and gradient with respect to the views, within 1e-5.
+
+    Catches: a normaliser that leaves out the dropped out-of-batch steps (it
+    would divide by fewer steps than the official `2(B − 1) − P`), a
+    different burn-in rule at the default, the positive term's scale.
+    """
+    rng = np.random.default_rng(3)
+    b, n, dim, beta = 8, 20, 5, 1 / 0.07
+    index = rng.choice(n, b, replace=False).astype(np.int32)
+    views = rng.normal(size=(2 * b, dim))
+    views /= np.linalg.norm(views, axis=1, keepdims=True)
+    chain_index = rng.integers(0, n, n).astype(np.int32)
+    chain_index[index[:2]] = -1  # two empty chains
+    chain_log_score = (beta * rng.uniform(0.3, 1.0, n)).astype(np.float32)  # sticky-ish
+    uniforms = rng.random((2, 2 * b, b)).astype(np.float32)
+
+    model = emc2_tf.EMC2Model(encoder=keras.Sequential([keras.layers.Identity()]),
+                              dataset_size=n, images=np.zeros((n, 1, 1, 1), np.float32),
+                              temperature=0.07, out_of_batch="drop")
+    model.chain_index.assign(chain_index)
+    model.chain_log_score.assign(chain_log_score)
+    model.random_uniform = lambda shape: tf.constant(uniforms)
+    embeddings = tf.constant(views.astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(embeddings)
+        loss, _ = model.contrastive_loss(tf.constant(index), embeddings)
+    gradient = tape.gradient(loss, embeddings).numpy()
+
+    official, coefficients = ref.official_main_mcmc_loss(
+        embeddings.numpy(), index, chain_index, chain_log_score.astype(np.float64), uniforms, beta)
+    official_gradient = (coefficients + coefficients.T) @ embeddings.numpy().astype(np.float64)
+    assert float(loss) == pytest.approx(official, rel=1e-5)
+    np.testing.assert_allclose(gradient, official_gradient, rtol=1e-5,
+                               atol=1e-5 * np.abs(official_gradient).max())
+    # Not vacuous: some recorded steps sat on an out-of-batch state and were dropped.
+    reencode = ref.reference_scan(
+        beta * np.stack([views[:b] @ views.T, views[b:] @ views.T]),
+        ref.valid_candidates(index), np.log(uniforms),
+        np.where(chain_index[index] >= 0, chain_log_score[index], -np.inf), b - 1)
+    assert (reencode.recorded & (reencode.states < 0)).any()
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(exact_ratio=True, waste_recycling=True), dict(out_of_batch="drop", burn_in=1)],
+    ids=["default", "exact-recycling", "drop-burn1"])
+def test_xla_equals_eager_on_the_same_draws(fixture, options):
+    """The step compiled with XLA (`jit_compile=True`) = eager, on the same MH draws:
+    loss, gradients, written-back chains and scalars.
+
+    Catches: anything XLA compiles differently (a dropped assert that guarded
+    a gather, a different `tf.scan` lowering, float reassociation large
+    enough to flip an accept decision). XLA draws a different Philox stream
+    than the CPU kernel, so the draws are fixed here.
+    """
+    results = []
+    for jit_compile in (False, True):
+        model = fixture.model(**options)
+        loss, scalars, gradients = fixture.model_step(model, jit_compile=jit_compile)
+        results.append((loss, scalars, gradients, model.chain_index.numpy(),
+                        model.chain_log_score.numpy()))
+    (loss_e, scalars_e, grads_e, index_e, score_e), (loss_x, scalars_x, grads_x, index_x,
+                                                      score_x) = results
+    assert loss_x == pytest.approx(loss_e, rel=1e-5)
+    assert scalars_x == pytest.approx(scalars_e)
+    for got, expected in zip(grads_x, grads_e):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(index_x, index_e)
+    np.testing.assert_allclose(score_x, score_e, rtol=1e-5)
+    assert loss_e == pytest.approx(fixture.reference(**options).loss, rel=1e-5)
+
+
+def test_out_of_batch_mode_is_checked():
+    with pytest.raises(ValueError, match="out_of_batch must be one of reencode, drop"):
+        emc2_tf.EMC2Model(encoder=keras.Sequential([keras.layers.Identity()]), dataset_size=4,
+                          images=np.zeros((4, 1, 1, 1), np.float32), out_of_batch="keep")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
