@@ -6,7 +6,9 @@ r"""Quality of every method across batch sizes and seeds (the paper's small-batc
 
 Every run trains the same encoder with the same augmentations for the same
 number of epochs, each method at its default temperature (emc2 0.07, sogclr,
-simclr, dcl 0.1, dhel 0.3, kcl none), Adam 1e-3; then evaluates the frozen
+simclr, dcl 0.1, dhel 0.3, kcl none), Adam 1e-3 (`--optimizer`,
+`--learning_rate`, `--weight_decay`, `--warmup_epochs` change the recipe for
+every run; `--train_size` trains on a stratified subset); then evaluates the frozen
 backbone on the held-out split (1-NN, linear probe) and the embedding's
 alignment, uniformity and effective rank. Prints the mean ± std over seeds,
 writes `benchmarks/results/<name>.json` (after every run, so an interrupted
@@ -24,17 +26,32 @@ from absl import app, flags
 from benchmarks import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("methods", ["simclr", "sogclr", "dcl", "dhel", "kcl", "emc2"], "Methods.")
+flags.DEFINE_list("methods", ["simclr", "sogclr", "dcl", "dhel", "kcl", "emc2"],
+                  "Methods, or method variants written method/key=value/key=value (e.g. "
+                  "emc2/exact_ratio=true/out_of_batch=drop): one row each.")
 flags.DEFINE_list("batch_sizes", ["8", "16", "32", "64", "128"], "Batch sizes B.")
 flags.DEFINE_integer("seeds", 3, "Seeds per (method, B): 0, 1, …")
 flags.DEFINE_integer("epochs", 10, "Training epochs of every run.")
 flags.DEFINE_string("dataset", "digits", "digits | fashion_mnist | a tfds data set under --data_dir.")
 flags.DEFINE_string("data_dir", None, "Data folder (fashion_mnist idx files, tfds data_dir).")
 flags.DEFINE_integer("max_train", 0, "Use only the first N training images (0 = all).")
+flags.DEFINE_integer("train_size", 0,
+                     "Use a stratified subset of N training images (0 = all), drawn once with "
+                     "seed 0 and shared by every run; after --max_train.")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "adamw", "sgd", "lars"],
+                  "Optimizer of every run (emc2_tf.build_optimizer).")
+flags.DEFINE_float("learning_rate", 1e-3, "Learning rate (the peak with --warmup_epochs).")
+flags.DEFINE_float("weight_decay", 0.0,
+                   "Weight decay: L2 in the gradient for adam/sgd/lars, decoupled for adamw.")
+flags.DEFINE_integer("warmup_epochs", 0,
+                     "> 0: linear warm-up over these epochs, then cosine decay to 0; 0: constant.")
 flags.DEFINE_list("options", [],
                   "Constructor options key=value for the methods that take them, e.g. "
                   "temperature=0.1,burn_in=0,exact_ratio=true (an ablation; the default is "
                   "each method's own).")
+flags.DEFINE_bool("floors", True,
+                  "Also score raw pixels and the untrained encoder of each seed: the floors "
+                  "every run must beat.")
 flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on a GPU, mixed_bfloat16 on a CPU.")
 flags.DEFINE_string("name", "quality", "Results file name under --results_dir.")
 flags.DEFINE_list("overlay", [],
@@ -73,6 +90,12 @@ def parse_options(items: list[str]) -> dict:
     return options
 
 
+def parse_variant(entry: str) -> tuple[str, dict]:
+    """`'emc2/exact_ratio=true/out_of_batch=drop'` → `('emc2', {...})`."""
+    method, *items = entry.split("/")
+    return method.strip(), parse_options(items)
+
+
 def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key: str):
     """`{(method, B): (mean, std, count)}` of `key` over seeds."""
     import numpy as np
@@ -86,7 +109,7 @@ def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key:
     return table
 
 
-def plot(runs, methods, batch_sizes, path: str, title: str) -> None:
+def plot(runs, methods, batch_sizes, path: str, title: str, floors=None) -> None:
     figure, axes = common.pyplot().subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for axis, key, label in zip(axes, ("knn_accuracy", "linear_probe_accuracy"),
                                 ("held-out 1-NN accuracy", "held-out linear-probe accuracy")):
@@ -99,9 +122,13 @@ def plot(runs, methods, batch_sizes, path: str, title: str) -> None:
             style = dict(linewidth=1.3)
             if method.startswith("emc2"):
                 style = dict(linewidth=2.5, color="black")
-                if method != "emc2":  # an overlaid variant
-                    style.update(linestyle="--", color="dimgray")
+                if method != "emc2":  # a variant: its own colour, dashed
+                    style = dict(linewidth=2.0, linestyle="--")
             axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method, **style)
+        for (name, value), line in zip(floor_table(floors), (":", "-.")):
+            if key in value:
+                axis.axhline(float(value[key].split(" ")[0]), color="gray", linestyle=line,
+                             linewidth=1, label=name)
         axis.set_xscale("log", base=2)
         axis.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         axis.set_xlabel("batch size B")
@@ -131,21 +158,46 @@ def load_runs(name: str) -> tuple[dict, list[dict]]:
         fail(f"cannot read {path}: {error}")
     runs = []
     for run in payload["runs"]:
-        label = variant_label(run["method"], payload.get("options", {}).get(run["method"], {}))
+        label = run.get("variant") or variant_label(
+            run["method"], payload.get("options", {}).get(run["method"], {}))
         runs.append({**run, "method": label})
     return payload, runs
+
+
+def floor_table(floors: dict | None) -> list[tuple[str, dict]]:
+    """Rows `(name, {key: 'mean ± std'})` for raw pixels and the untrained encoder."""
+    import numpy as np
+
+    if not floors:
+        return []
+    # Raw pixels are one representation: the floor of the backbone and of the embedding.
+    raw = {prefix + k: f"{v:.4f}" for k, v in floors["raw_pixels"].items()
+           for prefix in ("", "embedding_")}
+    untrained = floors["untrained"]
+    keys = untrained[0].keys() if untrained else []
+    return [("raw pixels (floor)", raw),
+            ("untrained encoder (floor)",
+             {k: f"{np.mean([u[k] for u in untrained]):.4f} ± "
+                 f"{np.std([u[k] for u in untrained]):.4f}" for k in keys})]
 
 
 def report(payload: dict, runs: list[dict], methods: list[str], png: str) -> None:
     """Prints the mean ± std tables and draws the plot."""
     batch_sizes = sorted({run["batch_size"] for run in runs})
     seeds = payload["seeds"]
-    for key, label in (("knn_accuracy", "1-NN accuracy"),
-                       ("linear_probe_accuracy", "linear-probe accuracy")):
+    floor_rows = floor_table(payload.get("floors"))
+    for key, label in (("knn_accuracy", "backbone 1-NN accuracy"),
+                       ("linear_probe_accuracy", "backbone linear-probe accuracy"),
+                       ("embedding_knn_accuracy", "embedding 1-NN accuracy"),
+                       ("embedding_linear_probe_accuracy", "embedding linear-probe accuracy")):
         table = summarize(runs, methods, batch_sizes, key)
+        if not table:
+            continue  # results written before the embedding was scored
         rows = [[method] + [f"{table[method, b][0]:.4f} ± {table[method, b][1]:.4f}"
                             if (method, b) in table else "–" for b in batch_sizes]
                 for method in methods]
+        rows += [[name] + [value.get(key, "–")] * len(batch_sizes)
+                 for name, value in floor_rows]
         print(f"\nheld-out {label}, mean ± std over {seeds} seeds")
         print(common.markdown_table(["method"] + [f"B={b}" for b in batch_sizes], rows))
     smallest = min(batch_sizes)
@@ -160,7 +212,8 @@ def report(payload: dict, runs: list[dict], methods: list[str], png: str) -> Non
     print(common.markdown_table(["method", "alignment", "uniformity", "effective rank"],
                                 representation))
     plot(runs, methods, batch_sizes, png,
-         f"{payload['dataset']}: {payload['epochs']} epochs, mean ± std over {seeds} seeds")
+         f"{payload['dataset']}: {payload['epochs']} epochs, mean ± std over {seeds} seeds",
+         payload.get("floors"))
 
 
 def main(argv):
@@ -184,11 +237,22 @@ def main(argv):
         batch_sizes = sorted(int(b) for b in FLAGS.batch_sizes)
     except ValueError:
         fail(f"--batch_sizes must be integers; got {','.join(FLAGS.batch_sizes)}.")
-    unknown = [m for m in FLAGS.methods if m not in emc2_tf.METHODS]
+    variants = [parse_variant(entry) for entry in FLAGS.methods]
+    unknown = [m for m, _ in variants if m not in emc2_tf.METHODS]
     if unknown:
         fail(f"--methods: unknown {unknown}; accepted: {','.join(sorted(emc2_tf.METHODS))}.")
+    for method, own in variants:
+        refused = [k for k in own if k not in emc2_tf.models.method_options(method)]
+        if refused:
+            fail(f"--methods: {method} takes no option {refused}.")
     if FLAGS.seeds < 1 or FLAGS.epochs < 1 or min(batch_sizes) < 2:
         fail("--seeds and --epochs must be ≥ 1 and every batch size ≥ 2.")
+    if not 0 <= FLAGS.warmup_epochs < FLAGS.epochs:
+        fail(f"--warmup_epochs must be in [0, --epochs={FLAGS.epochs}); got {FLAGS.warmup_epochs}.")
+    try:  # --learning_rate and --weight_decay: finite, > 0 and ≥ 0
+        emc2_tf.build_optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.weight_decay)
+    except ValueError as error:
+        fail(f"--{error}")  # the message starts with the argument's name
     try:
         data = emc2_tf.load_dataset(FLAGS.dataset, FLAGS.data_dir)
     except (FileNotFoundError, ValueError) as error:
@@ -197,14 +261,19 @@ def main(argv):
         data = emc2_tf.from_arrays(data.train_images[: FLAGS.max_train],
                                    data.train_labels[: FLAGS.max_train], data.test_images,
                                    data.test_labels, name=data.name)
+    try:
+        data = emc2_tf.subset_train(data, FLAGS.train_size, seed=0)
+    except ValueError as error:
+        fail(f"--train_size={FLAGS.train_size}: {error}")
     if max(batch_sizes) > data.num_train:
         fail(f"--batch_sizes: {max(batch_sizes)} exceeds the {data.num_train} training images.")
     options = parse_options(FLAGS.options)
-    method_options = {}
-    for method in FLAGS.methods:
+    method_options = {}  # variant label → (method, its options)
+    for method, own in variants:
         accepted = emc2_tf.models.method_options(method)
-        method_options[method] = {k: v for k, v in options.items() if k in accepted}
-    unused = [k for k in options if not any(k in o for o in method_options.values())]
+        merged = {**{k: v for k, v in options.items() if k in accepted}, **own}
+        method_options[variant_label(method, merged)] = (method, merged)
+    unused = [k for k in options if not any(k in o for _, o in method_options.values())]
     if unused:
         fail(f"--options: no method of --methods={','.join(FLAGS.methods)} takes {unused}.")
     policy = common.set_mixed_precision(FLAGS.mixed_precision)
@@ -215,24 +284,35 @@ def main(argv):
     payload = {"benchmark": "quality", "dataset": data.name, "num_train": data.num_train,
                "epochs": FLAGS.epochs, "methods": FLAGS.methods, "batch_sizes": batch_sizes,
                "seeds": FLAGS.seeds, "policy": policy, "machine": machine,
-               "options": method_options, "runs": []}
+               "options": {label: o for label, (_, o) in method_options.items()},
+               "optimizer": FLAGS.optimizer, "train_size": FLAGS.train_size,
+               "learning_rate": FLAGS.learning_rate, "weight_decay": FLAGS.weight_decay,
+               "warmup_epochs": FLAGS.warmup_epochs, "runs": []}
     started = time.time()
-    total = len(FLAGS.methods) * len(batch_sizes) * FLAGS.seeds
+    if FLAGS.floors:
+        payload["floors"] = common.floors(data, FLAGS.seeds)
+        print("floors: " + ", ".join(
+            f"{name} 1-NN {value.get('knn_accuracy', '–')} probe "
+            f"{value.get('linear_probe_accuracy', '–')}"
+            for name, value in floor_table(payload["floors"])), flush=True)
+    total = len(method_options) * len(batch_sizes) * FLAGS.seeds
     for seed in range(FLAGS.seeds):
         for batch_size in batch_sizes:
-            for method in FLAGS.methods:
-                result = common.train_and_evaluate(method, data, FLAGS.dataset, batch_size,
-                                                   seed, FLAGS.epochs, **method_options[method])
+            for label, (method, own) in method_options.items():
+                result = common.train_and_evaluate(
+                    method, data, FLAGS.dataset, batch_size, seed, FLAGS.epochs,
+                    learning_rate=FLAGS.learning_rate, warmup_epochs=FLAGS.warmup_epochs,
+                    optimizer=FLAGS.optimizer, weight_decay=FLAGS.weight_decay, **own)
+                result["variant"] = label
                 payload["runs"].append(result)
                 payload["seconds"] = time.time() - started
                 common.write_json(FLAGS.name, payload, FLAGS.results_dir)
-                print(f"[{len(payload['runs'])}/{total}] {method:6s} B={batch_size:<4d} "
+                print(f"[{len(payload['runs'])}/{total}] {label} B={batch_size:<4d} "
                       f"seed={seed}  1-NN {result['knn_accuracy']:.4f}  probe "
                       f"{result['linear_probe_accuracy']:.4f}  ({result['train_seconds']:.1f} s)",
                       flush=True)
-    labels = [variant_label(m, method_options[m]) for m in FLAGS.methods]
-    runs = [{**run, "method": variant_label(run["method"], method_options[run["method"]])}
-            for run in payload["runs"]]
+    labels = list(method_options)
+    runs = [{**run, "method": run["variant"]} for run in payload["runs"]]
     report(payload, runs, labels, png)
     payload["seconds"] = time.time() - started
     path = common.write_json(FLAGS.name, payload, FLAGS.results_dir)

@@ -21,6 +21,7 @@ from emc2_tf.data import (
     load_fashion_mnist,
     load_tfds,
     make_two_view_dataset,
+    subset_train,
 )
 from emc2_tf.distribute import (
     STRATEGIES,
@@ -70,6 +71,12 @@ from emc2_tf.models import (
     InBatchContrastiveModel,
     SogCLRModel,
     build_model,
+)
+from emc2_tf.optimizers import (
+    LARS,
+    OPTIMIZERS,
+    build_optimizer,
+    learning_rate_schedule,
 )
 from emc2_tf.tensorboard import TrainingScalars, export_projector, read_scalars
 from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan

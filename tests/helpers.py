@@ -61,6 +61,36 @@ def run_python(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def untrained_scores(argv, linear_probe: bool = True, global_loss: bool = False) -> dict:
+    """What `python -m trainers.train ARGV` scores *before* any training.
+
+    Builds the run the trainer builds (`trainers.common.build_run`: same flags,
+    same data, same seed, hence the same initial weights) and evaluates its
+    encoder as the trainer's summary does (`evaluate_encoder`: held-out 1-NN
+    `knn_accuracy`, `linear_probe_accuracy`). With `global_loss`, also
+    `initial_global_contrastive_loss`, which the trainer reports too: equal
+    values prove the two encoders start from the same weights.
+
+    A trained run's accuracy only means something above these: a small
+    untrained CNN already scores 0.89–0.92 (1-NN) on digits.
+    """
+    from absl import flags
+
+    import emc2_tf
+    from trainers.common import build_run
+    from trainers.run_flags import define_train_flags
+
+    run_flags = flags.FlagValues()
+    define_train_flags(run_flags)
+    run_flags(["train", *argv])
+    run = build_run("train", run_flags)
+    scores = emc2_tf.evaluate_encoder(run.encoder, run.data, linear_probe=linear_probe)
+    if global_loss:
+        scores["initial_global_contrastive_loss"] = float(emc2_tf.exact_global_contrastive_loss(
+            run.encoder, run.data.train_images, run.model.temperature))
+    return scores
+
+
 def parse_summary(stdout: str) -> dict:
     """The JSON of the `summary: {...}` line `trainers.train` prints last."""
     return json.loads(re.search(r"^summary: (.*)$", stdout, re.M).group(1))

@@ -1,5 +1,7 @@
 """Spectral-clustering batch selection: affinity formula, planted clusters, one visit per epoch."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import tensorflow as tf
 from sklearn.metrics import adjusted_rand_score
 
 import emc2_tf
-from emc2_tf.batch_selection import spectral_affinity, spectral_batches
+from emc2_tf.batch_selection import equal_size_clusters, spectral_affinity, spectral_batches
 
 from helpers import embedding_images
 
@@ -104,6 +106,52 @@ def test_fit_uses_the_selection_and_reselects_every_k_epochs():
     assert np.array_equal(np.sort(served.ravel()), np.arange(len(images)))
     # A slightly trained linear encoder keeps the planted structure: the batches are the clusters.
     assert adjusted_rand_score(labels, _batch_labels(selection.batches, len(images))) >= 0.9
+
+
+def _optimal_equal_size_labels(points, centroids, cluster_size, squared):
+    """Brute force: the labelling with `cluster_size` points per centroid of least total cost."""
+    from scipy.spatial.distance import cdist
+
+    cost = cdist(points, centroids) ** (2 if squared else 1)
+    n, k = cost.shape
+    best, best_labels = np.inf, None
+    for labels in itertools.product(range(k), repeat=n):
+        if np.all(np.bincount(labels, minlength=k) == cluster_size):
+            total = cost[np.arange(n), labels].sum()
+            assert not np.isclose(total, best), "ambiguous case"
+            if total < best:
+                best, best_labels = total, np.array(labels)
+    return best_labels
+
+
+def test_equal_size_assignment_minimises_euclidean_not_squared_distances(monkeypatch):
+    """Bug caught: a Hungarian cost of *squared* distances (the authors' code,
+    krafton-ai/mini-batch-cl utils.py, uses `cdist(X, centers)`, Euclidean).
+
+    The spectral embedding and k-means are replaced by fixed points and
+    centroids for which the two costs have different optimal equal-size
+    assignments; `equal_size_clusters` must return the Euclidean one.
+    """
+    points = np.array([[-1.0, 0.0], [-1.0, 3.0], [0.0, 0.0], [1.0, 3.0]])
+    centroids = np.array([[0.0, 0.0], [4.0, 0.0]])
+    euclidean = _optimal_equal_size_labels(points, centroids, 2, squared=False)
+    squared = _optimal_equal_size_labels(points, centroids, 2, squared=True)
+    assert not np.array_equal(euclidean, squared)  # the case discriminates
+
+    class FixedKMeans:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self, maps):
+            np.testing.assert_array_equal(maps, points)
+            self.cluster_centers_ = centroids
+            return self
+
+    monkeypatch.setattr("sklearn.manifold.spectral_embedding", lambda *a, **k: points)
+    monkeypatch.setattr("sklearn.cluster.KMeans", FixedKMeans)
+    affinity = np.ones((4, 4))
+    labels = equal_size_clusters(affinity, 2, np.random.default_rng(0))
+    np.testing.assert_array_equal(labels, euclidean)
 
 
 def test_batch_order_must_match_the_batch_size():

@@ -43,8 +43,9 @@ INITIAL = np.array([-np.inf, 1e3, 0.5, -1.0, 2.0, 0.0], np.float32)
 @pytest.mark.parametrize("burn_in", [5, 0, 3, 9])
 @pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("view_logits_differ", [True, False])
+@pytest.mark.parametrize("scan", ["sequential", "parallel"])
 def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, refresh,
-                                                        view_logits_differ):
+                                                        view_logits_differ, scan):
     """`mh_scan` = the one-chain-at-a-time loop: states, states before each step,
     accept decisions and probabilities, recorded steps, final state and score.
 
@@ -52,7 +53,9 @@ def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, re
     columns, pass 1 anchoring view 1 again, a refresh scored against the
     view-1 anchor or skipped, an accept test with the wrong sign or a
     stale score carried wrongly between passes, self/positive proposed,
-    waste-recycling probabilities from the score after the step.
+    waste-recycling probabilities from the score after the step; in the
+    parallel (pointer-doubling) scan: a wrong first-acceptance pointer, too
+    few doubling rounds, an off-by-one in "last visited node ≤ k".
     """
     index = np.array(batch_index, np.int32)
     logits, log_u = _scan_inputs(len(batch_index) + burn_in, index, view_logits_differ)
@@ -60,7 +63,7 @@ def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, re
     valid = ref.valid_candidates(index)
     got = mh_scan(tf.constant(logits), candidate_mask(tf.constant(index)), tf.constant(log_u),
                   tf.constant(INITIAL), burn_in, refresh_log_score_between_passes=refresh,
-                  out_of_batch_logits=tf.constant(out_of_batch))
+                  out_of_batch_logits=tf.constant(out_of_batch), scan=scan)
     want = ref.reference_scan(logits, valid, log_u, INITIAL, burn_in, refresh, out_of_batch)
     np.testing.assert_array_equal(got.valid.numpy(), valid)
     for name in ("states", "previous_states", "accepted", "recorded"):
@@ -123,10 +126,13 @@ class _Fixture:
         model.random_uniform = fixed_draws
         return model
 
-    def reference(self, params=None, scan=None, **options):
+    def reference(self, params=None, decisions=None, **options):
+        """The float64 step; `decisions`: a reference scan to reuse. The model's
+        `scan` option (sequential or parallel) has one reference."""
+        options = {k: v for k, v in options.items() if k != "scan"}
         return ref.emc2_step(self.params if params is None else params, self.images, self.index,
                              self.view1, self.view2, self.chain_index, self.chain_log_score,
-                             self.uniforms, TAU, scan=scan, **options)
+                             self.uniforms, TAU, scan=decisions, **options)
 
     def model_step(self, model, jit_compile=False):
         index = tf.constant(self.index)
@@ -156,14 +162,15 @@ def _numeric_gradient(fixture, scan, options, h=1e-6):
             for sign in (1, -1):
                 moved = [p.copy() for p in params]
                 moved[which][position] += sign * h
-                shifted.append(fixture.reference(moved, scan=scan, **options).loss)
+                shifted.append(fixture.reference(moved, decisions=scan, **options).loss)
             grad[position] = (shifted[0] - shifted[1]) / (2 * h)
         gradients.append(grad)
     return gradients
 
 
 OPTIONS = [
-    dict(out_of_batch=mode, exact_ratio=exact, burn_in=burn_in, waste_recycling=recycle)
+    dict(out_of_batch=mode, exact_ratio=exact, burn_in=burn_in, waste_recycling=recycle,
+         scan="parallel" if recycle else "sequential")
     for mode in ("reencode", "drop") for exact in (False, True)
     for burn_in in (None, 1) for recycle in (False, True)
 ]
@@ -274,8 +281,10 @@ def test_drop_equals_the_official_main_mcmc_estimator():
 
 
 @pytest.mark.parametrize("options", [
-    dict(), dict(exact_ratio=True, waste_recycling=True), dict(out_of_batch="drop", burn_in=1)],
-    ids=["default", "exact-recycling", "drop-burn1"])
+    dict(scan="sequential"), dict(scan="parallel"),
+    dict(exact_ratio=True, waste_recycling=True, scan="parallel"),
+    dict(out_of_batch="drop", burn_in=1, scan="sequential")],
+    ids=["sequential", "parallel", "parallel-exact-recycling", "sequential-drop-burn1"])
 def test_xla_equals_eager_on_the_same_draws(fixture, options):
     """The step compiled with XLA (`jit_compile=True`) = eager, on the same MH draws:
     loss, gradients, written-back chains and scalars.

@@ -47,9 +47,11 @@ def ref_dhel(u, v, temperature, symmetric=True):
 
 
 def ref_kcl(u, v, t=2.0, gamma=16.0):
+    """−(2/M) Σ_i K(u_i, v_i) + γ Σ_views mean_{i≠j} K: the factor 2 is the authors'
+    `alignment = 2 * align_gaussian(...)` (pakoromilas/DHEL-KCL losses.py)."""
     n = len(u)
     k = lambda x, y: np.exp(-t * np.sum((x - y) ** 2))
-    alignment = np.mean([k(u[i], v[i]) for i in range(n)])
+    alignment = 2.0 * np.mean([k(u[i], v[i]) for i in range(n)])
     energy = sum(np.mean([k(w[i], w[j]) for i in range(n) for j in range(n) if i != j]) for w in (u, v))
     return -alignment + gamma * energy
 
@@ -91,6 +93,25 @@ def test_large_inverse_temperature_does_not_overflow(loss, reference):
     value = float(loss(tf.constant(u, tf.float32), tf.constant(v, tf.float32), temperature=1e-3))
     assert np.isfinite(value)
     assert value == pytest.approx(reference(u, v, 1e-3), rel=1e-4)
+
+
+def test_kcl_alignment_carries_the_authors_factor_2_and_honours_t_and_gamma():
+    """Bug caught: KCL's alignment without the authors' factor 2 (−(1/M) Σ K(u_i, v_i)
+    instead of −(2/M)), which makes γ = 16 weigh the energy like their γ = 32; and
+    `t`/`gamma` not reaching the loss.
+
+    Independent of `ref_kcl`: identical views have K(u_i, u_i) = 1, so at γ = 0
+    the loss is exactly −2; and the energy's weight is exactly γ.
+    """
+    u = tf.constant(fixed_embeddings(5, 4, seed=3))
+    v = tf.constant(fixed_embeddings(5, 4, seed=4))
+    assert float(emc2_tf.kcl_loss(u, u, gamma=0.0)) == pytest.approx(-2.0, abs=1e-12)
+    aligned = float(emc2_tf.kcl_loss(u, v, t=0.7, gamma=0.0))
+    distances = np.sum((u.numpy() - v.numpy()) ** 2, axis=1)
+    assert aligned == pytest.approx(-2.0 * np.mean(np.exp(-0.7 * distances)), rel=1e-12)
+    energy = float(emc2_tf.kcl_loss(u, v, t=0.7, gamma=1.0)) - aligned
+    assert float(emc2_tf.kcl_loss(u, v, t=0.7, gamma=5.0)) == pytest.approx(
+        aligned + 5.0 * energy, rel=1e-12)
 
 
 def test_registry_builds_every_method():

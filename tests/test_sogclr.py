@@ -29,7 +29,9 @@ def ref_log_g(u, v, tau):
 
 
 def ref_surrogate(u, v, log_u, tau, weights=None):
-    """−s(a,p) + 1/(2(B−1)) Σ_z w_z s(a,z), w_z = exp(β s(a,z) − log u_a); mean over 2B anchors.
+    """Official scale: per image i, loss_a(i) + loss_b(i), mean over the B images
+    (Optimization-AI/SogCLR sogclr/builder.py: `loss = (loss_a + loss_b).mean()`),
+    with loss_a = −s(a,p) + 1/(2(B−1)) Σ_z w_z s(a,z), w_z = exp(β s(a,z) − log u_a).
 
     `weights` freezes w (the stop-gradient) for finite differences.
     """
@@ -41,7 +43,8 @@ def ref_surrogate(u, v, log_u, tau, weights=None):
         w = np.exp(s / tau - log_u[a]) if weights is None else weights[a]
         all_w.append(w)
         losses.append(-z[a] @ z[p] + np.sum(w * s) / (2 * (n - 1)))
-    return np.mean(losses), all_w
+    loss_a, loss_b = np.array(losses[:n]), np.array(losses[n:])  # view 1, view 2 as anchors
+    return np.mean(loss_a + loss_b), all_w
 
 
 @pytest.mark.parametrize("batch", [2, 5])
@@ -65,6 +68,9 @@ def test_moving_average_in_log_space():
 
 @pytest.mark.parametrize("batch", [2, 5])
 def test_surrogate_value_and_gradient_match_float64_reference(batch):
+    """Bugs caught: a wrong surrogate formula, and the scale: the mean over the 2B
+    anchors (half the official per-image sum of the two views' losses) fails
+    here, in value and gradient."""
     tau = 0.2
     u, v = fixed_embeddings(batch, 4, seed=batch), fixed_embeddings(batch, 4, seed=batch + 3)
     log_u = np.random.default_rng(batch).normal(size=(2, batch)) + 2.0  # any positive u
@@ -85,8 +91,13 @@ def test_surrogate_value_and_gradient_match_float64_reference(batch):
 
 
 @pytest.mark.parametrize("batch", [2, 6])
-def test_gradient_is_tau_times_the_batch_global_loss_gradient_when_u_is_fresh(batch):
-    """With u = g (first visit), ∇ surrogate = τ ∇ DCL: the paper's identity."""
+def test_gradient_is_2tau_times_the_batch_dcl_gradient_when_u_is_fresh(batch):
+    """With u = g (first visit), each anchor's ∇ loss_a = τ ∇ ℓ_a (DCL's anchor
+    loss): the paper's identity. The surrogate sums the 2B anchors over B
+    (official scale) and DCL averages them over 2B, so ∇ surrogate = 2τ ∇ DCL.
+
+    Bugs caught: the surrogate at half the official scale (gives τ ∇ DCL), and
+    a first visit that does not take γ = 1 (u = γ g breaks the identity)."""
     tau = 0.1
     u, v = fixed_embeddings(batch, 8, seed=batch), fixed_embeddings(batch, 8, seed=batch + 1)
     tu, tv = tf.Variable(u), tf.Variable(v)
@@ -96,7 +107,7 @@ def test_gradient_is_tau_times_the_batch_global_loss_gradient_when_u_is_fresh(ba
         surrogate = emc2_tf.sogclr_surrogate_loss(tu, tv, tf.cast(log_u, tf.float64), tau)
         dcl = emc2_tf.dcl_loss(tu, tv, temperature=tau)
     for got, want in zip(tape.gradient(surrogate, [tu, tv]), tape.gradient(dcl, [tu, tv])):
-        np.testing.assert_allclose(got.numpy(), tau * want.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got.numpy(), 2 * tau * want.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_large_inverse_temperature_does_not_overflow():
@@ -120,6 +131,9 @@ def _dense_encoder(dim, seed=0):
 
 @pytest.mark.parametrize("gamma", [0.9, 0.5])
 def test_one_step_moves_exactly_the_batch_anchors_u_by_gamma(gamma):
+    """Bugs caught: a wrong u update (rate, first visit, rows outside the batch), and
+    a model step on another loss or scale than the official-scale surrogate (the
+    logged loss and the SGD step are checked against it)."""
     n, dim, tau = 20, 6, 0.1
     encoder = _dense_encoder(dim)
     model = emc2_tf.SogCLRModel(encoder, dataset_size=n, temperature=tau, gamma=gamma)
@@ -141,9 +155,21 @@ def test_one_step_moves_exactly_the_batch_anchors_u_by_gamma(gamma):
     rate = np.where(seen, gamma, 1.0)
     expected_u = (1 - rate) * old_u + rate * g.mean(axis=0)
     weights_before = encoder.get_weights()[0].copy()
+    # The step the model must take: SGD on the surrogate at the official scale,
+    # with each view's u updated from its own batch estimate.
+    log_u_views = np.log((1 - rate) * old_u + rate * g)  # [2, B]
+    expected_loss = ref_surrogate(z1, z2, log_u_views, tau)[0]
+    with tf.GradientTape() as tape:
+        embeddings = encoder(np.concatenate([view1, view2]), training=True)
+        surrogate = emc2_tf.sogclr_surrogate_loss(
+            embeddings[: len(index)], embeddings[len(index):], log_u_views.astype(np.float32), tau)
+    expected_kernel = weights_before - 0.5 * tape.gradient(
+        surrogate, encoder.trainable_variables)[0].numpy()
 
     batch = tf.data.Dataset.from_tensors({"index": index, "view1": view1, "view2": view2})
-    model.fit(batch, epochs=1, verbose=0)
+    history = model.fit(batch, epochs=1, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+    np.testing.assert_allclose(encoder.get_weights()[0], expected_kernel, rtol=1e-4, atol=1e-6)
 
     after = model.log_u.numpy()
     np.testing.assert_allclose(np.exp(after[index]), expected_u, rtol=1e-5)

@@ -14,7 +14,12 @@ from emc2_tf.models import METHODS, method_options
 METHOD_FLAGS = {
     "burn_in": ("burn_in", lambda v: None if v < 0 else v),
     "exact_ratio": ("exact_ratio", bool),
+    "out_of_batch": ("out_of_batch", str),
+    "waste_recycling": ("waste_recycling", bool),
+    "scan": ("scan", str),
     "gamma": ("gamma", float),
+    "kcl_t": ("kcl_t", float),
+    "kcl_gamma": ("kcl_gamma", float),
 }
 
 
@@ -68,6 +73,41 @@ def load_data(program: str, dataset: str, data_dir: str | None):
         fail(program, f"--dataset={dataset}: {error}")
 
 
+def load_run_data(program: str, run_flags):
+    """The run's data set: `--dataset`, then the `--train_size` subset (stratified, `--seed`)."""
+    import emc2_tf
+
+    data = load_data(program, run_flags.dataset, run_flags.data_dir)
+    try:
+        return emc2_tf.subset_train(data, run_flags.train_size, seed=run_flags.seed)
+    except ValueError as error:
+        fail(program, f"--train_size={run_flags.train_size}: {error}")
+
+
+def run_optimizer(program: str, run_flags, num_train: int):
+    """The optimizer of `--optimizer`, `--learning_rate`, `--weight_decay` and
+    `--warmup_epochs` (> 0: warm-up then cosine decay over the run's
+    `--epochs` × ⌊N / B⌋ steps; 0: constant learning rate)."""
+    import emc2_tf
+
+    learning_rate = run_flags.learning_rate
+    if run_flags.warmup_epochs:
+        if run_flags.warmup_epochs >= run_flags.epochs:
+            fail(program, f"--warmup_epochs={run_flags.warmup_epochs} must be < "
+                          f"--epochs={run_flags.epochs} (the cosine decay needs ≥ 1 epoch).")
+        steps_per_epoch = num_train // run_flags.batch_size
+        try:
+            learning_rate = emc2_tf.learning_rate_schedule(
+                learning_rate, run_flags.epochs * steps_per_epoch,
+                run_flags.warmup_epochs * steps_per_epoch)
+        except ValueError as error:
+            fail(program, f"--warmup_epochs={run_flags.warmup_epochs}: {error}")
+    try:
+        return emc2_tf.build_optimizer(run_flags.optimizer, learning_rate, run_flags.weight_decay)
+    except ValueError as error:
+        fail(program, f"--optimizer={run_flags.optimizer}: {error}")
+
+
 @dataclass
 class Run:
     """A run's pieces, built from its training flags."""
@@ -79,7 +119,8 @@ class Run:
 
 
 def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
-    """Builds the data set, encoder and compiled model the flags describe.
+    """Builds the data set (with `--train_size`), encoder and compiled model
+    (with the `--optimizer` and schedule) the flags describe.
 
     Weights are freshly initialised (seeded); restore a checkpoint into
     `run.model` for trained ones.
@@ -91,7 +132,7 @@ def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
 
     strategy = strategy or tf.distribute.get_strategy()
     if data is None:
-        data = load_data(program, run_flags.dataset, run_flags.data_dir)
+        data = load_run_data(program, run_flags)
     encoder_name = run_flags.encoder
     if encoder_name == "auto":
         encoder_name = emc2_tf.encoders.default_encoder_name(data.image_shape)
@@ -105,7 +146,7 @@ def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
             )
         except ValueError as error:
             fail(program, str(error))
-        model.compile(optimizer=keras.optimizers.Adam(run_flags.learning_rate),
+        model.compile(optimizer=run_optimizer(program, run_flags, data.num_train),
                       jit_compile=run_flags.jit_compile)
     return Run(data=data, encoder=encoder, encoder_name=encoder_name, model=model)
 

@@ -11,6 +11,7 @@ run's `flags.txt` back with the same parsers and validators.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -19,6 +20,7 @@ from absl import flags
 from emc2_tf.batch_selection import BATCH_SELECTIONS
 from emc2_tf.distribute import STRATEGIES
 from emc2_tf.models import METHODS
+from emc2_tf.optimizers import OPTIMIZERS
 
 FLAGS_FILE = "flags.txt"
 
@@ -26,8 +28,9 @@ FLAGS_FILE = "flags.txt"
 #: run's flags file and refuses a different value.
 RUN_DEFINING = (
     "method", "dataset", "data_dir", "batch_size", "temperature", "learning_rate", "seed",
-    "encoder", "burn_in", "exact_ratio", "gamma", "batch_selection", "spectral_every",
-    "spectral_groups", "model_name",
+    "encoder", "burn_in", "exact_ratio", "out_of_batch", "waste_recycling", "gamma", "kcl_t",
+    "kcl_gamma", "batch_selection", "spectral_every", "spectral_groups", "model_name",
+    "optimizer", "weight_decay", "warmup_epochs", "train_size",
 )
 
 
@@ -50,7 +53,22 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "Temperature τ > 0 (β = 1/τ); default: the method's own (emc2 0.07, sogclr 0.1, "
         "simclr 0.1, dcl 0.1, dhel 0.3; kcl has none and uses it only for the global-loss "
         "monitor, 0.1).", **fv)
-    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", **fv)
+    flags.DEFINE_float("learning_rate", 1e-3,
+                       "Learning rate (the peak of the schedule when --warmup_epochs > 0).", **fv)
+    flags.DEFINE_enum("optimizer", "adam", list(OPTIMIZERS),
+                      "adam | adamw (decoupled weight decay) | sgd (momentum 0.9) | lars "
+                      "(momentum 0.9, trust coefficient 0.001; SimCLR's LARS).", **fv)
+    flags.DEFINE_float("weight_decay", 0.0,
+                       "Weight decay ≥ 0: an L2 term added to the gradient for adam, sgd and "
+                       "lars (lars: kernels only), as the authors' PyTorch code; decoupled for "
+                       "adamw.", **fv)
+    flags.DEFINE_integer("warmup_epochs", 0,
+                         "> 0: linear warm-up from 0 over this many epochs, then cosine decay "
+                         "to 0 at --epochs; 0: constant --learning_rate.", **fv)
+    flags.DEFINE_integer("train_size", 0,
+                         "Train on a subset of this many training images, stratified by label "
+                         "and drawn with --seed (0 = all); the held-out split is unchanged.",
+                         **fv)
     flags.DEFINE_integer("seed", 0,
                          "Seed of weights, data order, augmentations and MH draws.", **fv)
     flags.DEFINE_enum("encoder", "auto", ["auto", "small_cnn", "resnet18"],
@@ -60,8 +78,27 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("exact_ratio", False,
                       "emc2 only: refresh the current state's score before each pass "
                       "(recommended when N/B is large: README, Results).", **fv)
+    flags.DEFINE_enum("out_of_batch", "reencode", ["reencode", "drop"],
+                      "emc2 only: what a recorded MH step still on the chain's out-of-batch "
+                      "negative adds: reencode = that negative re-encoded now, with gradient "
+                      "(the paper's algorithm); drop = nothing, still counted in the normaliser "
+                      "(the official main_mcmc estimator; needs no re-encoding).", **fv)
+    flags.DEFINE_bool("waste_recycling", False,
+                      "emc2 only: each recorded MH step adds α·f(candidate) + (1 − α)·f(current) "
+                      "instead of f(next state): same expectation, lower variance.", **fv)
+    flags.DEFINE_enum("scan", "auto", ["auto", "sequential", "parallel"],
+                      "emc2 only: how the MH scan runs (identical results): sequential = 2B "
+                      "dependent steps per pass; parallel = pointer doubling, O(log B) rounds, "
+                      "O(B^3) work; auto = parallel on a GPU, sequential on a CPU (measured).",
+                      **fv)
     flags.DEFINE_float("gamma", 0.9,
                        "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).", **fv)
+    flags.DEFINE_float("kcl_t", 2.0,
+                       "kcl only: the Gaussian kernel's t in exp(−t‖x − y‖²), > 0 (authors 2).",
+                       **fv)
+    flags.DEFINE_float("kcl_gamma", 16.0,
+                       "kcl only: weight γ of the energy (uniformity) term, > 0 (authors 16).",
+                       **fv)
     flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
                       "random: uniform shuffling; spectral: spectral-clustering batches "
                       "(Cho et al.), any method.", **fv)
@@ -116,11 +153,19 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     validators = {
         "temperature": (lambda v: v is None or v > 0, "--temperature must be > 0 (e.g. 0.07)."),
         "gamma": (lambda v: 0 < v <= 1, "--gamma must be in (0, 1] (e.g. 0.9)."),
+        "kcl_t": (lambda v: math.isfinite(v) and v > 0, "--kcl_t must be finite and > 0 (e.g. 2)."),
+        "kcl_gamma": (lambda v: math.isfinite(v) and v > 0,
+                      "--kcl_gamma must be finite and > 0 (e.g. 16)."),
         "spectral_every": (lambda v: v >= 1, "--spectral_every must be ≥ 1."),
         "spectral_groups": (lambda v: v >= 1, "--spectral_groups must be ≥ 1."),
         "batch_size": (lambda v: v >= 2, "--batch_size must be ≥ 2."),
         "epochs": (lambda v: v >= 1, "--epochs must be ≥ 1."),
-        "learning_rate": (lambda v: v > 0, "--learning_rate must be > 0."),
+        "learning_rate": (lambda v: math.isfinite(v) and v > 0,
+                          "--learning_rate must be finite and > 0."),
+        "weight_decay": (lambda v: math.isfinite(v) and v >= 0,
+                         "--weight_decay must be finite and ≥ 0 (e.g. 1e-4)."),
+        "warmup_epochs": (lambda v: v >= 0, "--warmup_epochs must be ≥ 0 (0 = no warm-up)."),
+        "train_size": (lambda v: v >= 0, "--train_size must be ≥ 0 (0 = every training image)."),
         "burn_in": (lambda v: v >= -1, "--burn_in must be -1 (B − 1) or ≥ 0."),
         "cpu_devices": (lambda v: v >= 0, "--cpu_devices must be ≥ 0."),
         "worker_timeout": (lambda v: v > 0, "--worker_timeout must be > 0."),

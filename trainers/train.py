@@ -31,7 +31,7 @@ from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     check_method_flags,
     checkpoint_dir,
     fail as _fail,
-    load_data,
+    load_run_data,
     model_name,
 )
 from trainers.run_flags import (  # noqa: E402
@@ -142,7 +142,7 @@ def run() -> dict:
              f"{replicas} replicas of --strategy={FLAGS.strategy}; use a multiple of {replicas}.")
     chief = emc2_tf.is_chief(strategy)
     name = model_name(FLAGS)
-    data = load_data(PROGRAM, FLAGS.dataset, FLAGS.data_dir)
+    data = load_run_data(PROGRAM, FLAGS)  # with the --train_size subset, if any
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
     # After the flags, the strategy and the data are known to be valid (their
@@ -247,6 +247,13 @@ def run() -> dict:
         "batch_size": FLAGS.batch_size,
         "temperature": temperature,
         "batch_selection": FLAGS.batch_selection,
+        "optimizer": FLAGS.optimizer,
+        "weight_decay": FLAGS.weight_decay,
+        "warmup_epochs": FLAGS.warmup_epochs,
+        # The images trained on (--train_size subset or all), and per label.
+        "train_size": data.num_train,
+        "train_class_counts": {str(label): int(count) for label, count in
+                               zip(*np.unique(data.train_labels, return_counts=True))},
         "knn_accuracy": results["knn_accuracy"],
         "linear_probe_accuracy": results["linear_probe_accuracy"],
         "alignment": results["alignment"],

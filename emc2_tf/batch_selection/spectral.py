@@ -15,8 +15,9 @@ other, with the current encoder and no gradient:
 
 4. spectral embedding of `W` (normalised Laplacian, `k` components),
    k-means with `k` clusters, then an equal-size assignment: every centroid
-   repeated `B` times, Hungarian assignment on the distances, so each
-   cluster is one batch of exactly `B` images;
+   repeated `B` times, Hungarian assignment on the Euclidean (not squared)
+   distances, as the authors' `cdist`, so each cluster is one batch of
+   exactly `B` images;
 5. the clusters are the epoch's batches, for any objective.
 
 Cost: one forward pass over the 2N views, then per group an `(kB)²`
@@ -69,6 +70,7 @@ def equal_size_clusters(affinity: np.ndarray, cluster_size: int,
     scaled, and the shift keeps `exp` finite for any τ).
     """
     from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
     from sklearn.cluster import KMeans
     from sklearn.manifold import spectral_embedding
 
@@ -86,10 +88,11 @@ def equal_size_clusters(affinity: np.ndarray, cluster_size: int,
                                   drop_first=False, random_state=seed)
     kmeans = KMeans(n_clusters=num_clusters, n_init=4, random_state=seed).fit(maps)
     centroids = kmeans.cluster_centers_  # [k, k]
-    distances = (
-        np.sum(maps**2, axis=1)[:, None] - 2.0 * maps @ centroids.T
-        + np.sum(centroids**2, axis=1)[None, :]
-    )  # [n, k]
+    # Euclidean, not squared, distances, as the authors' `cdist(X, centers)`
+    # (krafton-ai/mini-batch-cl utils.py, `spectral_clustering`, sc_even): the
+    # assignment minimises the sum of costs, and a sum of distances and a sum
+    # of squared distances have different minimisers.
+    distances = cdist(maps, centroids)  # [n, k]
     cost = np.repeat(distances, cluster_size, axis=1)  # each centroid B times: [n, n]
     rows, columns = linear_sum_assignment(cost)
     labels = np.empty(n, np.int64)

@@ -13,4 +13,5 @@ from emc2_tf.data.sources import (
     load_fashion_mnist,
     load_tfds,
     read_idx,
+    subset_train,
 )

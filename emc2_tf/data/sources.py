@@ -88,6 +88,54 @@ def from_arrays(
     return ImageDataset(name, train, train_labels, test, test_labels)
 
 
+def subset_train(data: ImageDataset, train_size: int, seed: int = 0) -> ImageDataset:
+    """`data` with only `train_size` of its training images, stratified by label.
+
+    The subset keeps each class' share of the training set (scikit-learn's
+    `train_test_split(stratify=labels, random_state=seed)`) and the images'
+    original order; the held-out split is untouched. `train_size` 0 or
+    equal to `data.num_train` returns `data` itself. The result is the
+    same dataset type (`dataclasses.replace`), so everything built from it
+    (`num_train`, an EMC² image table, evaluation, batch selection) sees
+    the subset.
+
+    Raises `ValueError` (one line naming `train_size`) if it is negative,
+    larger than the training set, or too small to hold every class.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)):
+        raise ValueError(f"train_size must be an integer ≥ 0; got {train_size!r}.")
+    train_size = int(train_size)
+    if train_size < 0 or train_size > data.num_train:
+        raise ValueError(f"train_size must be in [0, {data.num_train}] (0 = all of the "
+                         f"{data.num_train} training images of {data.name}); got {train_size}.")
+    if train_size in (0, data.num_train):
+        return data
+    labels = np.asarray(data.train_labels)
+    classes = len(np.unique(labels))
+    if train_size < classes:
+        raise ValueError(f"train_size={train_size} is smaller than the {classes} classes of "
+                         f"{data.name}: a stratified subset needs at least one image per class.")
+    if data.num_train - train_size < classes:
+        # Fewer images left out than classes: stratifying what is dropped is
+        # meaningless (and refused by scikit-learn); drop them at random.
+        drop = np.random.default_rng(seed).choice(data.num_train, data.num_train - train_size,
+                                                  replace=False)
+        keep = np.setdiff1d(np.arange(data.num_train), drop)
+    else:
+        try:
+            keep, _ = train_test_split(np.arange(data.num_train), train_size=train_size,
+                                       stratify=labels if classes > 1 else None,
+                                       random_state=seed)
+        except ValueError as error:  # e.g. a class with a single image
+            raise ValueError(f"train_size={train_size}: no stratified subset of {data.name} "
+                             f"({error})") from None
+    keep = np.sort(keep)
+    return dataclasses.replace(data, train_images=data.train_images[keep],
+                               train_labels=data.train_labels[keep])
+
+
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), split stratified.
 

@@ -10,12 +10,29 @@ the batch alone:
     loss_a = −( s(a, p) − 1/(2(B−1)) Σ_z w_z s(a, z) ),
     w_z = stop_gradient( exp(β s(a, z)) / u_i )
 
-averaged over both views as anchors. The gradient of the surrogate is τ
-times the gradient of the global loss with its inner sum estimated by `u`
-(with γ = 1 it is exactly τ times the gradient of the batch's DCL loss). `u`
-is kept in log space, `log u` = −∞ meaning "never seen", so large β never
-overflows. Its value is a surrogate, not the global loss: monitor that with
-`emc2_tf.exact_global_contrastive_loss`.
+summed over the two views of each image and averaged over the B images, as
+the official code's `loss = (loss_a + loss_b).mean()` (Optimization-AI/SogCLR
+commit ef289b5, sogclr/builder.py, `dynamic_contrastive_loss`, lines
+121–128, where `loss_a`, `loss_b` are the per-image losses of view 1 and
+view 2 as anchors): twice the mean over the 2B anchors. The scale
+is the official one because it matters under SGD/LARS (not under Adam).
+Per anchor, the gradient of `loss_a` is τ times the gradient of the global
+loss' `ℓ_a` with its inner sum estimated by `u`; the batch surrogate's
+gradient is therefore 2τ times that of the mean over the 2B anchors (with
+γ = 1, i.e. `u = g`, exactly 2τ times the gradient of the batch's DCL loss,
+which is a mean over the 2B views). `u` is kept in log space, `log u` = −∞
+meaning "never seen", so large β never overflows. Its value is a surrogate,
+not the global loss: monitor that with `emc2_tf.exact_global_contrastive_loss`.
+
+First visit (ours, not the official rule): γ = 1 for each image whose `u`
+was never set, so that its first `u` is its batch estimate `g` rather than
+`γ g` (too small by the factor γ, which over-weights its negatives by 1/γ).
+The official code sets γ = 1 only when the whole batch's `u` sums to 0,
+i.e. in its first epoch (builder.py lines 103–104,
+`if self.u[index.cpu()].sum() == 0: gamma = 1`, u initialised to 0); an
+unseen image in a batch with one seen image there gets `u = γ g`. Per image
+the rule here is the more exact one; the two agree on a batch whose images
+are all unseen (the first epoch) or all seen.
 """
 
 from __future__ import annotations
@@ -68,7 +85,11 @@ def sogclr_moving_average(log_u: tf.Tensor, log_g: tf.Tensor, gamma: float) -> t
 def sogclr_surrogate_loss(
     view1: tf.Tensor, view2: tf.Tensor, log_u: tf.Tensor, temperature: float = 0.1
 ) -> tf.Tensor:
-    """The SogCLR surrogate over the batch, mean over the 2B anchors.
+    """The SogCLR surrogate over the batch at the official scale.
+
+    `(1/B) Σ_i (loss_a(i) + loss_b(i))`: each image's two anchors summed, mean
+    over the B images (official `(loss_a + loss_b).mean()`), i.e. twice the
+    mean over the 2B anchors.
 
     Args:
         view1, view2: `[B, D]` L2-normalised embeddings.
@@ -86,4 +107,5 @@ def sogclr_surrogate_loss(
     weights = tf.stop_gradient(tf.exp(tf.where(negatives, beta * similarity - log_u, minus_inf)))
     num_negatives = tf.cast(2 * (batch_size - 1), similarity.dtype)
     negative_term = tf.reduce_sum(weights * similarity, axis=-1) / num_negatives
-    return tf.reduce_mean(negative_term - positive)
+    # Σ over the 2B anchors / B = the official (loss_a + loss_b).mean().
+    return tf.reduce_sum(negative_term - positive) / tf.cast(batch_size, similarity.dtype)

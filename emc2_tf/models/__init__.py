@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable
 
 from emc2_tf.losses.dcl import dcl_loss
@@ -24,6 +25,42 @@ def _in_batch(loss_fn) -> Callable[..., ContrastiveModel]:
     return functools.partial(InBatchContrastiveModel, loss_fn=loss_fn)
 
 
+def _positive_finite(name: str, value: Any) -> float:
+    """`value` as a float, or a `ValueError` naming the option unless finite and > 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+    return number
+
+
+def kcl_model(
+    encoder,
+    dataset_size: int,
+    kcl_t: float = 2.0,
+    kcl_gamma: float = 16.0,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> InBatchContrastiveModel:
+    """KCL (algorithms.md §7) on the in-batch model: `kcl_loss(t=kcl_t, gamma=kcl_gamma)`.
+
+    The options are named `kcl_t`, `kcl_gamma` (flags `--kcl_t`, `--kcl_gamma`)
+    so that they never collide with SogCLR's moving-average `gamma`. Other
+    keyword arguments (e.g. `temperature`, which KCL uses only for the
+    global-loss monitor) go to `InBatchContrastiveModel`.
+
+    Args:
+        kcl_t: the Gaussian kernel's t, finite and > 0 (authors' default 2).
+        kcl_gamma: the energy term's weight γ, finite and > 0 (authors' default 16).
+    """
+    loss_kwargs = {"t": _positive_finite("kcl_t", kcl_t),
+                   "gamma": _positive_finite("kcl_gamma", kcl_gamma)}
+    return InBatchContrastiveModel(encoder, dataset_size, loss_fn=kcl_loss,
+                                   loss_kwargs=loss_kwargs, seed=seed, **kwargs)
+
+
 #: method name → model factory; every factory takes (encoder, dataset_size, ...).
 METHODS: dict[str, Callable[..., ContrastiveModel]] = {
     "emc2": EMC2Model,
@@ -31,7 +68,7 @@ METHODS: dict[str, Callable[..., ContrastiveModel]] = {
     "simclr": _in_batch(nt_xent_loss),
     "dcl": _in_batch(dcl_loss),
     "dhel": _in_batch(dhel_loss),
-    "kcl": _in_batch(kcl_loss),
+    "kcl": kcl_model,
 }
 
 

@@ -2,6 +2,7 @@
 
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
+    SCAN_IMPLEMENTATIONS,
     MHScanResult,
     candidate_mask,
     default_burn_in,

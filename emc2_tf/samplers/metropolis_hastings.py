@@ -24,6 +24,7 @@ the chain state variables and calls them inside `train_step`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -114,6 +115,7 @@ def mh_scan(
     burn_in,
     refresh_log_score_between_passes: bool = False,
     out_of_batch_logits: tf.Tensor | None = None,
+    scan: str = "sequential",
 ) -> MHScanResult:
     """Runs the two-pass in-batch MH scan of EMC² for every chain of a batch.
 
@@ -139,6 +141,9 @@ def mh_scan(
             is still on its out-of-batch state).
         out_of_batch_logits: float `[2, B]`, `β s(anchor_p, z_state)` for the
             chain's out-of-batch state, required by the refresh.
+        scan: "sequential", "parallel" or "auto" (`SCAN_IMPLEMENTATIONS`):
+            the same result draw for draw, computed in 2B dependent steps per
+            pass or in O(log B) rounds.
 
     Returns:
         An `MHScanResult`.
@@ -146,40 +151,17 @@ def mh_scan(
     logits = tf.stop_gradient(logits)
     log_uniforms = tf.convert_to_tensor(log_uniforms, dtype=logits.dtype)
     batch_size = tf.shape(valid)[0]
-    num_candidates = tf.shape(valid)[1]
-    steps = tf.range(num_candidates, dtype=tf.int32)
-    valid_by_step = tf.transpose(valid)  # [2B, B]
+    run_pass = _pass_function(scan, valid)
 
-    def mh_step(carry, elem):
-        state, log_score, _, _ = carry
-        candidate_logit, candidate_valid, log_u, position = elem
-        accept = candidate_valid & (log_u < candidate_logit - log_score)
-        probability = tf.where(
-            candidate_valid,
-            metropolis_hastings_accept_probability(candidate_logit, log_score),
-            tf.zeros_like(log_score),
-        )
-        state = tf.where(accept, position, state)
-        log_score = tf.where(accept, candidate_logit, log_score)
-        return state, log_score, accept, probability
-
-    def run_pass(pass_id, state, log_score):
-        elems = (
-            tf.transpose(logits[pass_id]),
-            valid_by_step,
-            log_uniforms[pass_id],
-            steps,
-        )
-        init = (state, log_score, tf.zeros([batch_size], tf.bool), tf.zeros_like(log_score))
-        states, log_scores, accepted, probability = tf.scan(mh_step, elems, initializer=init)
-        previous = tf.concat([state[None], states[:-1]], axis=0)
-        return states, log_scores, accepted, probability, previous  # each [2B, B]
+    def pass_results(pass_id, state, log_score):
+        return run_pass(logits[pass_id], valid, tf.transpose(log_uniforms[pass_id]), state,
+                        log_score)  # each [B, 2B]
 
     state0 = tf.fill([batch_size], tf.constant(OUT_OF_BATCH, tf.int32))
     log_score0 = tf.cast(initial_log_score, logits.dtype)
-    states_a, scores_a, accepted_a, probability_a, previous_a = run_pass(0, state0, log_score0)
+    states_a, scores_a, accepted_a, probability_a, previous_a = pass_results(0, state0, log_score0)
 
-    state1, log_score1 = states_a[-1], scores_a[-1]
+    state1, log_score1 = states_a[:, -1], scores_a[:, -1]
     if refresh_log_score_between_passes:
         if out_of_batch_logits is None:
             raise ValueError(
@@ -196,27 +178,144 @@ def mh_scan(
         log_score1 = tf.where(
             (state1 < 0) & tf.math.is_inf(log_score1), log_score1, refreshed
         )
-    states_b, scores_b, accepted_b, probability_b, previous_b = run_pass(1, state1, log_score1)
+    states_b, scores_b, accepted_b, probability_b, previous_b = pass_results(
+        1, state1, log_score1)
 
     # Burn-in counts valid steps: step c of a pass is recorded iff it is
     # valid and more than P valid steps have been taken up to and including c.
     valid_count = tf.cumsum(tf.cast(valid, tf.int32), axis=1)  # [B, 2B]
     recorded_one = valid & (valid_count > tf.cast(burn_in, tf.int32))
     recorded = tf.stack([recorded_one, recorded_one])
-    states = tf.stack([tf.transpose(states_a), tf.transpose(states_b)])
-    accepted = tf.stack([tf.transpose(accepted_a), tf.transpose(accepted_b)])
-    probability = tf.stack([tf.transpose(probability_a), tf.transpose(probability_b)])
-    previous = tf.stack([tf.transpose(previous_a), tf.transpose(previous_b)])
     return MHScanResult(
-        states=states,
+        states=tf.stack([states_a, states_b]),
         recorded=recorded,
-        accepted=accepted,
-        accept_probability=probability,
-        previous_states=previous,
+        accepted=tf.stack([accepted_a, accepted_b]),
+        accept_probability=tf.stack([probability_a, probability_b]),
+        previous_states=tf.stack([previous_a, previous_b]),
         valid=valid,
-        final_state=states_b[-1],
-        final_log_score=scores_b[-1],
+        final_state=states_b[:, -1],
+        final_log_score=scores_b[:, -1],
     )
+
+
+#: Scan implementations: "sequential" (`tf.scan`, 2B dependent steps per
+#: pass), "parallel" (pointer doubling, 2⌈log₂(2B + 2)⌉ dependent rounds per
+#: pass, O(B·(2B)²) memory and work), "auto" (on a GPU: parallel while that
+#: memory stays under `PARALLEL_SCAN_MAX_ELEMENTS`, else sequential; on a CPU:
+#: sequential, measured faster there).
+SCAN_IMPLEMENTATIONS = ("auto", "sequential", "parallel")
+
+#: Largest `b · (2B + 1) · 2B` comparison the parallel scan builds in "auto"
+#: mode (int32 and bool temporaries of that size: ≈ 5 bytes each).
+PARALLEL_SCAN_MAX_ELEMENTS = 2**26
+
+
+def _pass_function(scan: str, valid: tf.Tensor):
+    """The one-pass implementation `scan` names (resolved statically when shapes allow)."""
+    if scan not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"scan must be one of {', '.join(SCAN_IMPLEMENTATIONS)}; got {scan!r}.")
+    if scan == "auto":
+        # Measured on a 2-core CPU (README, Cost): the sequential scan is faster
+        # there from B = 128 on (the parallel one does O(B³) work), and with
+        # XLA at every B. On a GPU each sequential step is a kernel launch.
+        chains, candidates = valid.shape
+        on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        if not on_gpu or chains is None or candidates is None:
+            return _sequential_pass
+        elements = chains * (candidates + 1) * candidates
+        scan = "parallel" if elements <= PARALLEL_SCAN_MAX_ELEMENTS else "sequential"
+    return _parallel_pass if scan == "parallel" else _sequential_pass
+
+
+def _sequential_pass(logits, valid, log_uniforms, state, log_score):
+    """One pass of MH steps over the candidates, in order (`tf.scan`).
+
+    Args:
+        logits, valid, log_uniforms: `[b, K]` per chain and candidate.
+        state, log_score: `[b]` the chains before the pass.
+    Returns:
+        `(states, log_scores, accepted, accept_probability, previous_states)`, each `[b, K]`.
+    """
+    steps = tf.range(tf.shape(valid)[1], dtype=tf.int32)
+
+    def mh_step(carry, elem):
+        state, log_score, _, _ = carry
+        candidate_logit, candidate_valid, log_u, position = elem
+        accept = candidate_valid & (log_u < candidate_logit - log_score)
+        probability = tf.where(
+            candidate_valid,
+            metropolis_hastings_accept_probability(candidate_logit, log_score),
+            tf.zeros_like(log_score),
+        )
+        state = tf.where(accept, position, state)
+        log_score = tf.where(accept, candidate_logit, log_score)
+        return state, log_score, accept, probability
+
+    elems = (tf.transpose(logits), tf.transpose(valid), tf.transpose(log_uniforms), steps)
+    init = (state, log_score, tf.zeros_like(state, tf.bool), tf.zeros_like(log_score))
+    states, log_scores, accepted, probability = tf.scan(mh_step, elems, initializer=init)
+    previous = tf.concat([state[None], states[:-1]], axis=0)
+    return tuple(tf.transpose(x) for x in (states, log_scores, accepted, probability, previous))
+
+
+def _parallel_pass(logits, valid, log_uniforms, state, log_score):
+    """The same pass as `_sequential_pass`, draw for draw, in O(log K) dependent rounds.
+
+    Once a chain accepts candidate j, the rest of the pass depends only on j
+    (its score is `logits[j]`), not on how it got there. So with node 0 = the
+    chain before the pass (score `log_score`) and node j + 1 = "just accepted
+    candidate j" (score `logits[j]`):
+
+    1. `next[n]` = the node of the first candidate k ≥ n that node n accepts
+       (`valid[k] & log U_k < logits[k] − score[n]`), or the sentinel K + 1;
+       all `[b, K + 1, K]` comparisons at once;
+    2. pointer doubling: `jump_r = next^(2^r)`, ⌈log₂(K + 2)⌉ rounds;
+    3. the chain's node after step k is the last node on node 0's path that
+       is ≤ k + 1, found for every k at once by binary lifting over the
+       `jump_r` (as many rounds again).
+
+    The comparisons are the same float operations as the sequential scan's,
+    so the accept decisions are identical, not just equal in distribution.
+    """
+    num_candidates = valid.shape[1]
+    if num_candidates is None:
+        raise ValueError("scan='parallel' needs a static number of candidates 2B (batch the "
+                         "dataset with drop_remainder=True); use scan='sequential'.")
+    node_scores = tf.concat([log_score[:, None], logits], axis=1)  # [b, K + 1]
+    candidate = tf.range(num_candidates, dtype=tf.int32)
+    node = tf.range(num_candidates + 1, dtype=tf.int32)
+    accepts = (
+        valid[:, None, :]
+        & (log_uniforms[:, None, :] < logits[:, None, :] - node_scores[:, :, None])
+        & (candidate[None, None, :] >= node[None, :, None])
+    )  # [b, K + 1 nodes, K candidates]
+    sentinel = num_candidates + 1
+    first = tf.reduce_min(tf.where(accepts, candidate[None, None, :] + 1, sentinel), axis=-1)
+    jump = tf.concat([first, tf.fill([tf.shape(first)[0], 1], sentinel)], axis=1)  # [b, K + 2]
+
+    # jumps[r] = next^(2^r); a path has at most K + 1 hops.
+    rounds = max(1, math.ceil(math.log2(sentinel + 1)))
+    jumps = [jump]
+    for _ in range(1, rounds):
+        jumps.append(tf.gather(jumps[-1], jumps[-1], batch_dims=1))
+
+    # Binary lifting from node 0 towards "the last node ≤ k + 1", every k at once.
+    limit = candidate[None, :] + 1  # [1, K]
+    at = tf.zeros_like(logits, tf.int32)  # [b, K] node ids
+    for jump in reversed(jumps):
+        ahead = tf.gather(jump, at, batch_dims=1)
+        at = tf.where(ahead <= limit, ahead, at)
+
+    states = tf.where(at > 0, at - 1, state[:, None])
+    log_scores = tf.gather(node_scores, at, batch_dims=1)
+    accepted = tf.equal(at, limit)
+    previous_nodes = tf.concat([tf.zeros_like(at[:, :1]), at[:, :-1]], axis=1)
+    previous_scores = tf.gather(node_scores, previous_nodes, batch_dims=1)
+    probability = tf.where(
+        valid, metropolis_hastings_accept_probability(logits, previous_scores),
+        tf.zeros_like(logits))
+    previous = tf.concat([state[:, None], states[:, :-1]], axis=1)
+    return states, log_scores, accepted, probability, previous
 
 
 def emc2_negative_term(
