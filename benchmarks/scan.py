@@ -9,14 +9,13 @@ choose `EMC2Model(scan="auto")`. Times the two passes of one step
 (`mh_scan` on `[2, B, 2B]` logits, B chains), compiled with `tf.function`
 (graph) and with `jit_compile=True` (XLA), round-robin over the variants so
 they share the machine's state. Also prints each variant's dependent depth
-(sequential: 2 · 2B steps; parallel: 2 · 2⌈log₂(2B + 2)⌉ rounds) and the
+(sequential: 2 · 2B steps; parallel: 2 · (2⌈log₂(2B + 2)⌉ − 1) gathers) and the
 parallel scan's comparison size `B · (2B + 1) · 2B`. Writes
 `benchmarks/results/<name>.json`.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -40,11 +39,10 @@ def fail(message: str):
 
 
 def depth(scan: str, batch_size: int) -> int:
-    """Dependent steps of one EMC² step's two passes."""
-    candidates = 2 * batch_size
-    if scan == "sequential":
-        return 2 * candidates
-    return 2 * 2 * max(1, math.ceil(math.log2(candidates + 2)))
+    """Dependent steps of one EMC² step's two passes (`emc2_tf.samplers.scan_depth`)."""
+    from emc2_tf.samplers.metropolis_hastings import scan_depth
+
+    return scan_depth(scan, 2 * batch_size)
 
 
 def scan_function(batch_size: int, scan: str, jit_compile: bool, seed: int = 0):

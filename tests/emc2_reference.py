@@ -129,8 +129,6 @@ def dense_unit_encoder(params, images) -> np.ndarray:
 class ReferenceStep:
     loss: float
     scan: ReferenceScan
-    logits: np.ndarray
-    out_of_batch_logits: np.ndarray
 
 
 def emc2_step(params, images, index, view1, view2, chain_index, chain_log_score,
@@ -160,14 +158,17 @@ def emc2_step(params, images, index, view1, view2, chain_index, chain_log_score,
     negative = negative_term(anchor_logits, out_of_batch_logits, scan, has_state,
                              out_of_batch, waste_recycling)
     loss = negative.mean() - beta * (z1 * z2).sum(1).mean()
-    return ReferenceStep(loss, scan, anchor_logits, out_of_batch_logits)
+    return ReferenceStep(loss, scan)
 
 
 def official_main_mcmc_loss(views, index, chain_index, chain_log_score, uniforms, beta):
     """The official `main_mcmc` estimator at `--mcmc_burn_in 0.5`, without finite_aug.
 
-    Restated from amazon-science/contrastive_emc2 (`MCMC_BatchController.mh_step`,
-    `negative_sample_img`, `metropolis_hasting_sampling_loss`), one device:
+    Restated from amazon-science/contrastive_emc2 (`sampler.py`:
+    `MCMC_BatchController.mh_step` lines 85–113, `negative_sample_img` lines
+    116–207; `main_mcmc.py`: `metropolis_hasting_sampling_loss` lines 20–163,
+    the in-batch term at line 52 and the `freq > mcmc_burn_in` test at line
+    68), one device:
     scores `exp(β s)` with self/positive columns set to 0 (never accepted,
     never recorded), accept iff `U < new / old`, record raw column `j > P`
     with `P = int(0.5 · 2(B − 1))`, out-of-batch steps (chain state −1) left

@@ -92,7 +92,7 @@ def test_quality_rejects_bad_flags():
 
 def test_scan_benchmark_times_every_variant(tmp_path):
     """Bugs caught: a variant left out of the table, the depth column not the
-    documented 2·2B (sequential) and 2·2⌈log₂(2B + 2)⌉ (parallel)."""
+    documented 2·2B (sequential) and 2·(2⌈log₂(2B + 2)⌉ − 1) (parallel)."""
     result = run_python(["-m", "benchmarks.scan", "--batch_sizes=4,16", "--seconds=0.05",
                          "--rounds=1", f"--results_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -100,8 +100,8 @@ def test_scan_benchmark_times_every_variant(tmp_path):
     assert {(r["batch_size"], r["scan"], r["xla"]) for r in results} == {
         (b, s, x) for b in (4, 16) for s in ("sequential", "parallel") for x in (False, True)}
     depths = {(r["batch_size"], r["scan"]): r["depth"] for r in results}
-    assert depths == {(4, "sequential"): 16, (4, "parallel"): 16,
-                      (16, "sequential"): 64, (16, "parallel"): 24}
+    assert depths == {(4, "sequential"): 16, (4, "parallel"): 14,
+                      (16, "sequential"): 64, (16, "parallel"): 22}
     assert all(r["milliseconds"] > 0 for r in results)
     assert "| 16 |" in result.stdout
 

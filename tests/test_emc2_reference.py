@@ -72,11 +72,33 @@ def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, re
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(got.final_state.numpy(), want.final_state)
     np.testing.assert_allclose(got.final_log_score.numpy(), want.final_log_score, rtol=1e-6)
-    # The cases cover what they claim: an empty chain accepted, the sticky one never did
-    # (without refresh), and at least one chain ended still on its out-of-batch state.
+    # The cases cover what they claim: an empty chain accepted, and (without refresh)
+    # the sticky one never did, so it stayed on its out-of-batch state.
     assert want.accepted[:, 0].any()
     if not refresh:
         assert not want.accepted[:, 1].any() and (want.states[:, 1] == ref.OUT_OF_BATCH).all()
+
+
+@pytest.mark.parametrize("scan", ["sequential", "parallel"])
+def test_scan_follows_a_chain_that_accepts_every_candidate(scan):
+    """Rising logits and log U = −50: chain 0 accepts every valid candidate of both
+    passes, the longest path a pass can take (2B − 2 = 22 hops at B = 12: one
+    doubling level fewer reaches only 15).
+
+    Catches: too few pointer-doubling rounds in the parallel scan (the random
+    cases above never take more than 7 hops in a pass).
+    """
+    b = 12
+    index = np.arange(b, dtype=np.int32)
+    logits = np.broadcast_to(np.arange(2 * b, dtype=np.float32), (2, b, 2 * b)).copy()
+    log_u = np.full((2, 2 * b, b), -50.0, np.float32)
+    initial = np.full(b, -np.inf, np.float32)
+    got = mh_scan(tf.constant(logits), candidate_mask(tf.constant(index)), tf.constant(log_u),
+                  tf.constant(initial), b - 1, scan=scan)
+    want = ref.reference_scan(logits, ref.valid_candidates(index), log_u, initial, b - 1)
+    assert want.accepted[0, 0].sum() == 2 * b - 2  # every valid candidate of pass 0
+    np.testing.assert_array_equal(got.states.numpy(), want.states)
+    np.testing.assert_array_equal(got.accepted.numpy(), want.accepted)
 
 
 # ---- The model's loss against the float64 reference ------------------------------------

@@ -84,6 +84,13 @@ def load_run_data(program: str, run_flags):
         fail(program, f"--train_size={run_flags.train_size}: {error}")
 
 
+def check_warmup(program: str, run_flags) -> None:
+    """Refuses `--warmup_epochs` ≥ `--epochs` (the cosine decay needs ≥ 1 epoch)."""
+    if run_flags.warmup_epochs and run_flags.warmup_epochs >= run_flags.epochs:
+        fail(program, f"--warmup_epochs={run_flags.warmup_epochs} must be < "
+                      f"--epochs={run_flags.epochs} (the cosine decay needs ≥ 1 epoch).")
+
+
 def run_optimizer(program: str, run_flags, num_train: int):
     """The optimizer of `--optimizer`, `--learning_rate`, `--weight_decay` and
     `--warmup_epochs` (> 0: warm-up then cosine decay over the run's
@@ -91,10 +98,8 @@ def run_optimizer(program: str, run_flags, num_train: int):
     import emc2_tf
 
     learning_rate = run_flags.learning_rate
+    check_warmup(program, run_flags)
     if run_flags.warmup_epochs:
-        if run_flags.warmup_epochs >= run_flags.epochs:
-            fail(program, f"--warmup_epochs={run_flags.warmup_epochs} must be < "
-                          f"--epochs={run_flags.epochs} (the cosine decay needs ≥ 1 epoch).")
         steps_per_epoch = num_train // run_flags.batch_size
         try:
             learning_rate = emc2_tf.learning_rate_schedule(

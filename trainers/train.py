@@ -29,6 +29,7 @@ from absl import app, flags, logging  # noqa: E402
 from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     build_run,
     check_method_flags,
+    check_warmup,
     checkpoint_dir,
     fail as _fail,
     load_run_data,
@@ -145,6 +146,7 @@ def run() -> dict:
     data = load_run_data(PROGRAM, FLAGS)  # with the --train_size subset, if any
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
+    check_warmup(PROGRAM, FLAGS)
     # After the flags, the strategy and the data are known to be valid (their
     # errors come first), before anything is built or written.
     existing = emc2_tf.list_checkpoints(directory) if directory else []

@@ -227,6 +227,21 @@ def _pass_function(scan: str, valid: tf.Tensor):
     return _parallel_pass if scan == "parallel" else _sequential_pass
 
 
+def _doubling_levels(num_candidates: int) -> int:
+    """Pointer-doubling levels of the parallel pass: jumps of 1, 2, …, 2^(L−1) hops
+    cover the longest path, K + 1 hops (L = ⌈log₂(K + 2)⌉)."""
+    return max(1, math.ceil(math.log2(num_candidates + 2)))
+
+
+def scan_depth(scan: str, num_candidates: int) -> int:
+    """Dependent steps of one EMC² step's two passes over K = 2B candidates:
+    `2K` for the sequential scan; `2(2L − 1)` gathers for the parallel one
+    (L − 1 doublings, then L lifting rounds, per pass)."""
+    if scan == "sequential":
+        return 2 * num_candidates
+    return 2 * (2 * _doubling_levels(num_candidates) - 1)
+
+
 def _sequential_pass(logits, valid, log_uniforms, state, log_score):
     """One pass of MH steps over the candidates, in order (`tf.scan`).
 
@@ -294,7 +309,7 @@ def _parallel_pass(logits, valid, log_uniforms, state, log_score):
     jump = tf.concat([first, tf.fill([tf.shape(first)[0], 1], sentinel)], axis=1)  # [b, K + 2]
 
     # jumps[r] = next^(2^r); a path has at most K + 1 hops.
-    rounds = max(1, math.ceil(math.log2(sentinel + 1)))
+    rounds = _doubling_levels(num_candidates)
     jumps = [jump]
     for _ in range(1, rounds):
         jumps.append(tf.gather(jumps[-1], jumps[-1], batch_dims=1))
