@@ -101,6 +101,30 @@ def test_scan_follows_a_chain_that_accepts_every_candidate(scan):
     np.testing.assert_array_equal(got.accepted.numpy(), want.accepted)
 
 
+def test_auto_scan_picks_by_device_and_size(monkeypatch):
+    """`scan="auto"`: parallel up to B = 32 on a CPU (measured faster there), up to
+    the 2^26-element bound on a GPU, sequential beyond or with an unknown B.
+
+    Catches: "auto" building the O(B³) comparison at a large B (memory), or
+    never taking the parallel scan where it is the faster one.
+    """
+    from emc2_tf.samplers import metropolis_hastings as mh
+
+    def picked(b, static=True):
+        valid = tf.TensorSpec([b if static else None, 2 * b], tf.bool)
+        return mh._pass_function("auto", valid).__name__
+
+    assert [picked(b) for b in (8, 32, 64)] == ["_parallel_pass", "_parallel_pass",
+                                                "_sequential_pass"]
+    assert picked(8, static=False) == "_sequential_pass"
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert [picked(b) for b in (64, 128, 256)] == ["_parallel_pass", "_parallel_pass",
+                                                   "_sequential_pass"]
+    with pytest.raises(ValueError, match="scan must be one of auto, sequential, parallel"):
+        mh._pass_function("fast", tf.TensorSpec([2, 4], tf.bool))
+
+
 # ---- The model's loss against the float64 reference ------------------------------------
 
 

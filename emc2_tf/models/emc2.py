@@ -143,8 +143,8 @@ class EMC2Model(ContrastiveModel):
         scan: how the MH scan runs, with identical results draw for draw:
             "sequential" (2B dependent steps per pass), "parallel" (pointer
             doubling: O(log B) rounds, O(B³) work and O(B·(2B)²) memory), or
-            "auto" (parallel on a GPU within a memory bound, sequential on a
-            CPU, where it measured faster).
+            "auto" (parallel on a GPU within a memory bound, and on a CPU up
+            to B ≈ 32, where it measured faster; sequential beyond).
         seed: seed of the MH uniforms.
         max_image_table_bytes: refuse an image table larger than this.
 

@@ -200,14 +200,18 @@ def mh_scan(
 
 #: Scan implementations: "sequential" (`tf.scan`, 2B dependent steps per
 #: pass), "parallel" (pointer doubling, 2⌈log₂(2B + 2)⌉ dependent rounds per
-#: pass, O(B·(2B)²) memory and work), "auto" (on a GPU: parallel while that
-#: memory stays under `PARALLEL_SCAN_MAX_ELEMENTS`, else sequential; on a CPU:
-#: sequential, measured faster there).
+#: pass, O(B·(2B)²) memory and work), "auto" (parallel while that size stays
+#: under `PARALLEL_SCAN_MAX_ELEMENTS` on a GPU, `PARALLEL_SCAN_CPU_MAX_ELEMENTS`
+#: on a CPU, else sequential).
 SCAN_IMPLEMENTATIONS = ("auto", "sequential", "parallel")
 
 #: Largest `b · (2B + 1) · 2B` comparison the parallel scan builds in "auto"
 #: mode (int32 and bool temporaries of that size: ≈ 5 bytes each).
 PARALLEL_SCAN_MAX_ELEMENTS = 2**26
+
+#: The same bound on a CPU, where the parallel scan's O(B³) work only pays up
+#: to B ≈ 32 (32 · 65 · 64 ≈ 2^17 comparisons).
+PARALLEL_SCAN_CPU_MAX_ELEMENTS = 2**18
 
 
 def _pass_function(scan: str, valid: tf.Tensor):
@@ -215,15 +219,18 @@ def _pass_function(scan: str, valid: tf.Tensor):
     if scan not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"scan must be one of {', '.join(SCAN_IMPLEMENTATIONS)}; got {scan!r}.")
     if scan == "auto":
-        # Measured on a 2-core CPU (README, Cost): the sequential scan is faster
-        # there from B = 128 on (the parallel one does O(B³) work), and with
-        # XLA at every B. On a GPU each sequential step is a kernel launch.
+        # Measured on a 2-core CPU (benchmarks/scan.py, README Results): as a
+        # TensorFlow graph the parallel scan is 2–3× faster up to B = 32 and
+        # 3× slower from B = 128 (O(B³) work); under XLA the sequential one
+        # is as fast or faster at every B. On a GPU each sequential step is a
+        # kernel launch, so the parallel scan runs wherever its memory fits.
         chains, candidates = valid.shape
-        on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        if not on_gpu or chains is None or candidates is None:
+        if chains is None or candidates is None:
             return _sequential_pass
+        on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        limit = PARALLEL_SCAN_MAX_ELEMENTS if on_gpu else PARALLEL_SCAN_CPU_MAX_ELEMENTS
         elements = chains * (candidates + 1) * candidates
-        scan = "parallel" if elements <= PARALLEL_SCAN_MAX_ELEMENTS else "sequential"
+        scan = "parallel" if elements <= limit else "sequential"
     return _parallel_pass if scan == "parallel" else _sequential_pass
 
 
