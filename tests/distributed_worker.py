@@ -27,6 +27,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--worker_timeout", type=float, default=60.0)
+    parser.add_argument("--scan", default="auto", help="emc2: EMC2Model(scan=...)")
     parser.add_argument("--fixed_draws", action="store_true",
                         help="emc2: MH uniforms from one fixed [steps, 2, 2B, B] table, each "
                              "replica taking its own chains' columns, so runs with any replica "
@@ -87,7 +88,7 @@ def main(argv):
             keras.Input((4, 4, 1), name="images"), keras.layers.Flatten(),
             keras.layers.Dense(8), keras.layers.UnitNormalization(),
         ])
-        options = {"images": images} if args.method == "emc2" else {}
+        options = {"images": images, "scan": args.scan} if args.method == "emc2" else {}
         model = emc2_tf.build_model(args.method, encoder=encoder, dataset_size=len(images),
                                     temperature=args.temperature, seed=0, **options)
         model.compile(optimizer=keras.optimizers.SGD(0.5))
