@@ -26,6 +26,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from emc2_tf.checks import finite_number
+
 #: `--optimizer` values.
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
@@ -215,7 +217,7 @@ def learning_rate_schedule(base_lr: float, total_steps: int,
     Raises `ValueError` (one line, naming the argument) unless
     `base_lr` is finite and > 0 and `0 ≤ warmup_steps < total_steps`.
     """
-    base_lr = _finite(base_lr, "base_lr", strictly_positive=True)
+    base_lr = finite_number(base_lr, "base_lr")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer ≥ 1; got {total_steps!r}.")
     if (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
@@ -229,17 +231,6 @@ def learning_rate_schedule(base_lr: float, total_steps: int,
         warmup_target=base_lr,
         warmup_steps=warmup_steps,
     )
-
-
-def _finite(value: Any, name: str, strictly_positive: bool) -> float:
-    bound = "> 0" if strictly_positive else "≥ 0"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}.") from None
-    if not math.isfinite(number) or number < 0 or (strictly_positive and number == 0):
-        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}.")
-    return number
 
 
 def build_optimizer(name: str, learning_rate: Any, weight_decay: float = 0.0,
@@ -268,8 +259,8 @@ def build_optimizer(name: str, learning_rate: Any, weight_decay: float = 0.0,
     if name not in OPTIMIZERS:
         raise ValueError(f"name must be one of {'|'.join(OPTIMIZERS)}; got {name!r}.")
     if not isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        learning_rate = _finite(learning_rate, "learning_rate", strictly_positive=True)
-    weight_decay = _finite(weight_decay, "weight_decay", strictly_positive=False)
+        learning_rate = finite_number(learning_rate, "learning_rate")
+    weight_decay = finite_number(weight_decay, "weight_decay", strictly_positive=False)
     if name == "adam":
         if weight_decay:
             return AdamL2(learning_rate=learning_rate, l2=weight_decay, **kwargs)

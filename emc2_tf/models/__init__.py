@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Any, Callable
 
+from emc2_tf.checks import finite_number
 from emc2_tf.losses.dcl import dcl_loss
 from emc2_tf.losses.dhel import dhel_loss
 from emc2_tf.losses.kcl import kcl_loss
@@ -23,17 +23,6 @@ from emc2_tf.models.sogclr import SogCLRModel
 
 def _in_batch(loss_fn) -> Callable[..., ContrastiveModel]:
     return functools.partial(InBatchContrastiveModel, loss_fn=loss_fn)
-
-
-def _positive_finite(name: str, value: Any) -> float:
-    """`value` as a float, or a `ValueError` naming the option unless finite and > 0."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.") from None
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
-    return number
 
 
 def kcl_model(
@@ -55,8 +44,8 @@ def kcl_model(
         kcl_t: the Gaussian kernel's t, finite and > 0 (authors' default 2).
         kcl_gamma: the energy term's weight γ, finite and > 0 (authors' default 16).
     """
-    loss_kwargs = {"t": _positive_finite("kcl_t", kcl_t),
-                   "gamma": _positive_finite("kcl_gamma", kcl_gamma)}
+    loss_kwargs = {"t": finite_number(kcl_t, "kcl_t"),
+                   "gamma": finite_number(kcl_gamma, "kcl_gamma")}
     return InBatchContrastiveModel(encoder, dataset_size, loss_fn=kcl_loss,
                                    loss_kwargs=loss_kwargs, seed=seed, **kwargs)
 
