@@ -92,15 +92,13 @@ def train_and_evaluate(method: str, data, dataset_name: str, batch_size: int, se
     """Trains one (method, B, seed) run; returns its accuracies, representation metrics, time.
 
     `warmup_epochs > 0`: linear warm-up then cosine decay of `learning_rate`
-    over the run's steps (`emc2_tf.learning_rate_schedule`); `optimizer=` and
+    over the run's steps (`emc2_tf.epoch_learning_rate`); `optimizer=` and
     `weight_decay=` go to `build`.
     """
     import emc2_tf
 
-    if warmup_epochs:
-        steps_per_epoch = data.num_train // batch_size
-        learning_rate = emc2_tf.learning_rate_schedule(
-            learning_rate, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
+    learning_rate = emc2_tf.epoch_learning_rate(
+        learning_rate, epochs, data.num_train // batch_size, warmup_epochs)
     encoder, model = build(method, data, batch_size, seed, learning_rate=learning_rate,
                            **options)
     augment = emc2_tf.AugmentConfig.for_dataset(dataset_name)

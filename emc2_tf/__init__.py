@@ -76,6 +76,7 @@ from emc2_tf.optimizers import (
     LARS,
     OPTIMIZERS,
     build_optimizer,
+    epoch_learning_rate,
     learning_rate_schedule,
 )
 from emc2_tf.tensorboard import TrainingScalars, export_projector, read_scalars

@@ -3,7 +3,7 @@
 - `LARS`: layer-wise adaptive rate scaling (You et al. 2017) as in SimCLR's
   reference implementation; Keras has none.
 - `learning_rate_schedule`: linear warm-up from 0, then cosine decay to 0
-  (Keras' own `CosineDecay`).
+  (Keras' own `CosineDecay`); `epoch_learning_rate` sets it up in epochs.
 - `build_optimizer("adam" | "adamw" | "sgd" | "lars", ...)`: what the CLI's
   `--optimizer` builds.
 
@@ -231,6 +231,17 @@ def learning_rate_schedule(base_lr: float, total_steps: int,
         warmup_target=base_lr,
         warmup_steps=warmup_steps,
     )
+
+
+def epoch_learning_rate(learning_rate: float, epochs: int, steps_per_epoch: int,
+                        warmup_epochs: int = 0):
+    """The learning rate of a run of `epochs` × `steps_per_epoch` steps: the constant
+    `learning_rate` without warm-up, else `learning_rate_schedule` with
+    `warmup_epochs` epochs of warm-up (what `--warmup_epochs` means)."""
+    if not warmup_epochs:
+        return learning_rate
+    return learning_rate_schedule(learning_rate, epochs * steps_per_epoch,
+                                  warmup_epochs * steps_per_epoch)
 
 
 def build_optimizer(name: str, learning_rate: Any, weight_decay: float = 0.0,

@@ -97,16 +97,13 @@ def run_optimizer(program: str, run_flags, num_train: int):
     `--epochs` × ⌊N / B⌋ steps; 0: constant learning rate)."""
     import emc2_tf
 
-    learning_rate = run_flags.learning_rate
     check_warmup(program, run_flags)
-    if run_flags.warmup_epochs:
-        steps_per_epoch = num_train // run_flags.batch_size
-        try:
-            learning_rate = emc2_tf.learning_rate_schedule(
-                learning_rate, run_flags.epochs * steps_per_epoch,
-                run_flags.warmup_epochs * steps_per_epoch)
-        except ValueError as error:
-            fail(program, f"--warmup_epochs={run_flags.warmup_epochs}: {error}")
+    try:
+        learning_rate = emc2_tf.epoch_learning_rate(
+            run_flags.learning_rate, run_flags.epochs, num_train // run_flags.batch_size,
+            run_flags.warmup_epochs)
+    except ValueError as error:
+        fail(program, f"--warmup_epochs={run_flags.warmup_epochs}: {error}")
     try:
         return emc2_tf.build_optimizer(run_flags.optimizer, learning_rate, run_flags.weight_decay)
     except ValueError as error:
