@@ -78,7 +78,7 @@ def build(method: str, data, batch_size: int, seed: int, learning_rate=1e-3,
     accepted = emc2_tf.models.method_options(method)
     arguments = {"seed": seed, **options}
     if "images" in accepted:
-        arguments["images"] = data.train_images
+        arguments["images"] = emc2_tf.image_table(data.train_images)
     if temperature is not None:
         arguments["temperature"] = temperature
     model = emc2_tf.build_model(method, encoder=encoder, dataset_size=data.num_train, **arguments)

@@ -211,9 +211,41 @@ def report(payload: dict, runs: list[dict], methods: list[str], png: str) -> Non
     print(f"\nrepresentation at B={smallest} (held-out, mean over seeds)")
     print(common.markdown_table(["method", "alignment", "uniformity", "effective rank"],
                                 representation))
+    for batch_size in batch_sizes:
+        per_epoch_table(runs, methods, batch_size)
     plot(runs, methods, batch_sizes, png,
          f"{payload['dataset']}: {payload['epochs']} epochs, mean ± std over {seeds} seeds",
          payload.get("floors"))
+
+
+#: Per-epoch series a run records (`common.train_and_evaluate`), in table order.
+EPOCH_SERIES = (("acceptance_rate", "acceptance"), ("out_of_batch_fraction", "out-of-batch"),
+                ("uniformity", "uniformity"), ("effective_rank", "eff. rank"))
+
+
+def per_epoch_table(runs: list[dict], methods: list[str], batch_size: int) -> None:
+    """Prints, per method at `batch_size`, each epoch's series as `first → … → last`
+    (means over seeds): the analysis of why a method falls behind."""
+    import numpy as np
+
+    rows = []
+    for method in methods:
+        chosen = [r for r in runs if r["method"] == method and r["batch_size"] == batch_size
+                  and "per_epoch" in r]
+        if not chosen:
+            continue
+        row = [method]
+        for key, _ in EPOCH_SERIES:
+            series = [r["per_epoch"][key] for r in chosen if key in r["per_epoch"]]
+            if not series:
+                row.append("–")
+                continue
+            mean = np.mean(np.array(series, dtype=np.float64), axis=0)
+            row.append(" → ".join(f"{v:.2f}" for v in mean))
+        rows.append(row)
+    if rows:
+        print(f"\nper epoch at B={batch_size} (held-out sample of 2,000; mean over seeds)")
+        print(common.markdown_table(["method", *(label for _, label in EPOCH_SERIES)], rows))
 
 
 def main(argv):

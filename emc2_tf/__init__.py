@@ -71,6 +71,7 @@ from emc2_tf.models import (
     InBatchContrastiveModel,
     SogCLRModel,
     build_model,
+    image_table,
 )
 from emc2_tf.optimizers import (
     LARS,
@@ -80,6 +81,7 @@ from emc2_tf.optimizers import (
     learning_rate_schedule,
 )
 from emc2_tf.tensorboard import TrainingScalars, export_projector, read_scalars
+from emc2_tf.safety import NonFiniteError, StopOnNonFinite
 from emc2_tf.samplers import emc2_negative_term, metropolis_hastings_accept_probability, mh_scan
 
 __version__ = "0.1.0"

@@ -28,6 +28,9 @@ prefix, merges them, and only then points the `checkpoint` state file
 leaves the previous checkpoint as the latest. The manager keeps the last
 `keep` and deletes older ones only after a new one is complete.
 
+Never saved: weights holding NaN or inf (`save` raises `NonFiniteError`);
+a write that fails (a full disk) removes what it wrote and raises `OSError`.
+
 Not saved: the running means of the logged metrics, so the epoch a run
 resumes in logs the mean of its steps after the resume only.
 """
@@ -42,6 +45,8 @@ from typing import Any, Callable
 
 import keras
 import tensorflow as tf
+
+from emc2_tf.safety import check_finite_variables
 
 CHECKPOINT_NAME = "ckpt"
 
@@ -220,15 +225,56 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     # Save ---------------------------------------------------------------------
 
     def save(self) -> str:
-        """Writes a checkpoint at the current global step; returns its path."""
+        """Writes a checkpoint at the current global step; returns its path.
+
+        Refuses weights holding NaN or inf (`NonFiniteError`). A failed write
+        (a full disk: `OSError`, one line) removes what it left, so the
+        previous checkpoint stays the latest and nothing is half-written.
+        """
         step = self.global_step
+        prefix = f"{CHECKPOINT_NAME}-{step}"
+        recorded = list_checkpoints(self._write_directory)
+        latest = os.path.basename(recorded[-1]) if recorded else "none"
+        check_finite_variables(
+            self._model_ref.trainable_variables,
+            f"refusing to write checkpoint {prefix} in {self.directory} (the latest stays "
+            f"{latest})")
         self._steps_per_epoch.assign(self.steps_per_epoch)
-        path = self.manager.save(checkpoint_number=step)
+        try:
+            path = self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as error:
+            self._remove_partial(prefix)
+            reason = (error.strerror if isinstance(error, OSError) and error.strerror
+                      else str(getattr(error, "message", error)).strip().splitlines()[0])
+            message = (f"cannot write checkpoint {os.path.join(self.directory, prefix)}: "
+                       f"{reason}; nothing of it is left, the latest checkpoint stays {latest}.")
+            code = getattr(error, "errno", None)
+            raise (OSError(code, message) if code else OSError(message)) from None
         self._last_saved_step = step
         if self._write_directory != self.directory:
             shutil.rmtree(self._write_directory, ignore_errors=True)
             path = os.path.join(self.directory, os.path.basename(path))
         return path
+
+    def _remove_partial(self, prefix: str) -> None:
+        """Deletes what a failed write of `prefix` left (its shards, TensorFlow's
+        `<prefix>_temp` folder, a temporary state file), unless the state file
+        already records it as complete."""
+        directory = self._write_directory
+        if not os.path.isdir(directory) or any(
+                os.path.basename(p) == prefix for p in list_checkpoints(directory)):
+            return
+        for name in os.listdir(directory):
+            if (name == prefix + "_temp" or name.startswith(prefix + ".")
+                    or name.startswith("checkpoint.tmp")):
+                path = os.path.join(directory, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.remove(path)
+                    except OSError:
+                        pass
 
     def _save_if_new(self) -> None:
         if self.global_step != self._last_saved_step:
@@ -263,7 +309,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._signal is not None and self.interrupted is None:
             self.interrupted = self._signal  # arrived after the last step
-        self._save_if_new()
+        try:
+            self._save_if_new()
+        finally:
+            self.restore_signal_handlers()
+
+    def restore_signal_handlers(self) -> None:
+        """Puts back the SIGTERM/SIGINT handlers `fit` replaced (also when it raised)."""
         for signum, handler in self._previous_handlers.items():
             if signal.getsignal(signum) == self._on_signal:
                 signal.signal(signum, handler)
@@ -303,13 +355,16 @@ def fit_with_checkpoints(
     for start_epoch, start_step, end_epoch in spans:
         if start_epoch >= epochs:
             break
-        result = model.fit(
-            make_dataset(start_epoch, start_step),
-            initial_epoch=start_epoch,
-            epochs=end_epoch,
-            callbacks=[checkpoint, *(callbacks or [])],
-            verbose=verbose,
-        )
+        try:
+            result = model.fit(
+                make_dataset(start_epoch, start_step),
+                initial_epoch=start_epoch,
+                epochs=end_epoch,
+                callbacks=[checkpoint, *(callbacks or [])],
+                verbose=verbose,
+            )
+        finally:  # e.g. NonFiniteError: Keras then skips on_train_end
+            checkpoint.restore_signal_handlers()
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
         if checkpoint.interrupted is not None:

@@ -5,7 +5,9 @@ Layout: `<export_dir>/<model_name>/<version>/` holding `saved_model.pb` and
 Serving serves the highest). The version is written into a hidden temporary
 folder beside it and renamed into place, so a model server never sees a
 half-written version; a staging folder left by a killed exporter is removed
-by the next export.
+by the next export. A failed write (a full disk) removes its staging folder
+and raises one-line `OSError`; weights holding NaN or inf are refused
+(`NonFiniteError`) before anything is written.
 
 Serving contract: signature `serving_default` takes `images`, float32
 `[batch, H, W, C]` with values in [0, 1], and returns `embedding`, float32
@@ -20,6 +22,8 @@ import tempfile
 
 import keras
 import tensorflow as tf
+
+from emc2_tf.safety import check_finite_variables
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
@@ -54,20 +58,15 @@ def existing_versions(model_dir: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(model_dir) if name.isdigit())
 
 
-def export_encoder(
-    encoder: keras.Model, export_dir: str = "savedmodels", model_name: str = "emc2"
-) -> str:
-    """Writes `encoder` as the next version of `model_name`; returns its path."""
-    if not model_name or os.sep in model_name or model_name.startswith("."):
-        raise ValueError(f"model_name must be a plain folder name; got {model_name!r}.")
+def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
+    """The serving contract: `serving_default(images)` → `{"embedding": ...}`."""
     input_shape = tuple(encoder.input_shape[1:])
     if len(input_shape) != 3 or None in input_shape:
         raise ValueError(
             f"export needs an encoder with a fixed image input (H, W, C); got {input_shape}."
         )
-    model_dir = os.path.join(export_dir, model_name)
-    os.makedirs(model_dir, exist_ok=True)
-
+    # Issue 13: never export NaN or inf weights (they would be served silently).
+    check_finite_variables(encoder.weights, "refusing to export the encoder")
     archive = keras.export.ExportArchive()
     archive.track(encoder)
     spec = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
@@ -76,11 +75,60 @@ def export_encoder(
         return {OUTPUT_NAME: encoder(images, training=False)}
 
     archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
+    return archive
+
+
+def write_saved_model(encoder: keras.Model, path: str) -> str:
+    """Writes `encoder` as a SavedModel at `path` (which must not exist), atomically.
+
+    The archive goes to a hidden temporary folder beside `path` and is renamed
+    into place, so `path` is either absent or complete. `ContrastiveModel.export`
+    uses it; `export_encoder` adds the versioned TF Serving layout.
+    """
+    archive = _archive(encoder)
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"export path {path} already exists; choose a new folder.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
+    try:
+        archive.write_out(staging, verbose=False)
+        os.rename(staging, path)
+        return path
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(error: Exception, model_dir: str) -> OSError:
+    """A one-line `OSError` for a failed SavedModel write (the staging folder is removed)."""
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else (str(getattr(error, "message", error)).strip().splitlines() or ["?"])[0])
+    versions = existing_versions(model_dir)
+    message = (f"cannot write the SavedModel for {model_dir}: {reason}; nothing was "
+               f"published (the highest version stays {versions[-1] if versions else 'none'}).")
+    code = getattr(error, "errno", None)
+    return OSError(code, message) if code else OSError(message)
+
+
+def export_encoder(
+    encoder: keras.Model, export_dir: str = "savedmodels", model_name: str = "emc2"
+) -> str:
+    """Writes `encoder` as the next version of `model_name`; returns its path."""
+    if not model_name or os.sep in model_name or model_name.startswith("."):
+        raise ValueError(f"model_name must be a plain folder name; got {model_name!r}.")
+    archive = _archive(encoder)
+    model_dir = os.path.join(export_dir, model_name)
+    os.makedirs(model_dir, exist_ok=True)
 
     _remove_stale_staging(model_dir)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir)
     try:
-        archive.write_out(staging, verbose=False)
+        try:
+            archive.write_out(staging, verbose=False)
+        except (OSError, tf.errors.OpError) as error:  # e.g. a full disk: one line
+            raise _write_error(error, model_dir) from None
         while True:
             versions = existing_versions(model_dir)
             target = os.path.join(model_dir, str(versions[-1] + 1 if versions else 1))

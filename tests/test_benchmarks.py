@@ -106,18 +106,92 @@ def test_scan_benchmark_times_every_variant(tmp_path):
     assert "| 16 |" in result.stdout
 
 
-def test_cost_ratios_and_scaling(tmp_path):
-    result = run_python(["-m", "benchmarks.cost", "--methods=simclr,emc2", "--batch_sizes=16",
-                         "--scaling_sizes=500,5000", "--rounds=2", "--block=3", "--nomemory",
-                         f"--results_dir={tmp_path}"])
+def test_cost_tables_ratios_breakdown_and_scaling(tmp_path):
+    """Bugs caught: a (variant, B) row missing or repeated, a ratio that is not
+    the row's time over SimCLR's at the same B (and mode), a breakdown part
+    timed on something larger than the step it is a part of, the N-scaling
+    losing its uint8 table (or the drop variant keeping one), and the printed
+    tables not being the JSON's."""
+    variants = ["simclr", "emc2", "emc2/exact_ratio=true/out_of_batch=drop"]
+    result = run_python([
+        "-m", "benchmarks.cost", f"--methods={','.join(variants)}", "--batch_sizes=8",
+        "--breakdown_batch_sizes=8", "--breakdown_variants=emc2,emc2/exact_ratio=true",
+        "--encoders=small_cnn,resnet18", "--resnet_methods=simclr,emc2",
+        "--resnet_batch_sizes=2", "--resnet_rounds=1", "--scan_modes=parallel",
+        "--jit=graph,xla", "--scaling_sizes=300,3000", "--scaling_batch_size=16",
+        "--scaling_methods=simclr,emc2,emc2/out_of_batch=drop", "--rounds=2", "--block=3",
+        "--nomemory", f"--results_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "cost.json").read_text())
-    rows = {row["method"]: row for row in payload["per_method"]}
-    assert rows["simclr"]["ratio_to_simclr"] == 1.0
-    assert rows["emc2"]["ratio_to_simclr"] == pytest.approx(
-        rows["emc2"]["seconds_per_step"] / rows["simclr"]["seconds_per_step"])
-    assert all(0 < row["seconds_per_step"] < 5 for row in payload["per_method"])
-    assert [r["num_images"] for r in payload["scaling"]] == [500, 5000]
+
+    def finite_positive(value):
+        return np.isfinite(value) and value > 0
+
+    # Table 1: one row per (encoder, variant, B); ratio = time / SimCLR's at that B.
+    rows = {(r["encoder"], r["variant"], r["batch_size"]): r for r in payload["per_method"]}
+    assert len(rows) == len(payload["per_method"]) == 3 + 2
+    assert set(rows) == {("small_cnn", v, 8) for v in variants} | {
+        ("resnet18", v, 2) for v in ("simclr", "emc2")}
+    for (encoder, variant, b), row in rows.items():
+        assert finite_positive(row["seconds_per_step"]) and row["seconds_per_step"] < 20, row
+        assert finite_positive(row["ratio_to_simclr"]), row
+        assert row["ratio_to_simclr"] == pytest.approx(
+            row["seconds_per_step"] / rows[encoder, "simclr", b]["seconds_per_step"])
+    assert rows["small_cnn", variants[2], 8]["options"] == {
+        "exact_ratio": True, "out_of_batch": "drop"}
+    assert f"| small_cnn | {variants[2]} | 8 | " in result.stdout
+
+    # Table 2: SimCLR and EMC² (scan=parallel) per mode; ratio to SimCLR in that mode.
+    modes = {(r["variant"], r["jit"], r["batch_size"]): r for r in payload["scan_modes"]}
+    assert set(modes) == {(v, j, b) for v in ("simclr", "emc2/scan=parallel")
+                          for j in ("graph", "xla") for b in (8,)}
+    for (variant, jit, b), row in modes.items():
+        assert "skipped" not in row, row
+        assert finite_positive(row["ratio_to_simclr"]), row
+        assert row["ratio_to_simclr"] == pytest.approx(
+            row["seconds_per_step"] / modes["simclr", jit, b]["seconds_per_step"])
+
+    # Breakdown at B = 8: each part > 0 and within 1.5 × the full step it belongs to.
+    for variant in ("emc2", "emc2/exact_ratio=true"):
+        parts = {r["part"]: r for r in payload["breakdown"]
+                 if r["variant"] == variant and r["batch_size"] == 8}
+        assert set(parts) == {"data (next batch, prefetched)", "encode 2B views (fwd+bwd)",
+                              "MH scan", "re-encode B negatives (fwd+bwd)",
+                              "write-back B rows", "full step", "rest (full − parts)"}, parts
+        full = parts["full step"]["seconds"]
+        assert finite_positive(full) and parts["full step"]["fraction_of_step"] == 1.0
+        for name, part in parts.items():
+            if name in ("full step", "rest (full − parts)"):
+                continue
+            assert finite_positive(part["seconds"]), part
+            assert part["seconds"] <= 1.5 * full, (part, full)
+            assert part["fraction_of_step"] == pytest.approx(part["seconds"] / full)
+    assert "| emc2 | 8 | MH scan | " in result.stdout
+
+    # Table 4: every (variant, N); ratio to N = 300 of the same variant.
+    scaling = {(r["variant"], r["num_images"]): r for r in payload["scaling"]}
+    assert set(scaling) == {(v, n) for v in ("simclr", "emc2", "emc2/out_of_batch=drop")
+                            for n in (300, 3000)}
+    for (variant, n), row in scaling.items():
+        assert finite_positive(row["ratio_to_smallest_n"]), row
+        assert row["ratio_to_smallest_n"] == pytest.approx(
+            row["seconds_per_step"] / scaling[variant, 300]["seconds_per_step"])
+        assert finite_positive(row["ratio_to_simclr"]), row
+    assert scaling["emc2", 3000]["image_table"] == "uint8"
+    assert scaling["emc2/out_of_batch=drop", 3000]["image_table"] is None
+    assert payload["machine"]["device"] in result.stdout
+
+
+def test_cost_rejects_bad_flags():
+    for flags, message in (
+            (["--methods=emc2"], "--methods must include simclr"),
+            (["--methods=simclr,emc2/out_of_batch=x"], "out_of_batch must be one of"),
+            (["--batch_sizes=8", "--breakdown_batch_sizes=16"], "must be among --batch_sizes")):
+        result = run_python(["-m", "benchmarks.cost", *flags])
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and last.startswith("cost: error: ") and message in last, (
+            result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
 
 
 def test_chains_tv_near_the_noise_floor_on_a_flat_target(tmp_path):

@@ -154,9 +154,13 @@ class TestBadInput:
             emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20,
                               images=small.train_images, max_image_table_bytes=1000)
 
-    def test_images_are_required(self):
-        with pytest.raises(ValueError, match="EMC2Model needs `images`"):
-            emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20)
+    def test_images_are_required_to_fit_a_reencoding_model(self, small):
+        """Without the table a re-encoding variant fails at fit, before any step,
+        naming `images` and `set_image_table` (a loaded .keras model has none)."""
+        model = emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20)
+        model.compile(optimizer=keras.optimizers.SGD(0.0))
+        with pytest.raises(ValueError, match="EMC2Model needs `images`.*set_image_table"):
+            model.fit(self._views(small, [0, 1, 2, 3]), epochs=1, verbose=0)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

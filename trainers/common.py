@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from emc2_tf.models import METHODS, method_options
+from emc2_tf.models import METHODS, image_table, method_options
 
 #: Flags that configure one method's constructor option: flag → (option, value).
 METHOD_FLAGS = {
@@ -29,6 +29,43 @@ def fail(program: str, message: str) -> NoReturn:
     sys.exit(2)
 
 
+def unwritable_reason(path: str) -> str | None:
+    """Why the folder `path` cannot be created or written, or None if it can.
+
+    Probes without leaving anything behind: the deepest existing ancestor must
+    be a folder in which a temporary file can be created (a real attempt, so
+    it also holds for root, whom permission bits do not stop, and for
+    read-only file systems).
+    """
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(os.path.abspath(existing))
+        if parent == os.path.abspath(existing):
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so the folder {path} cannot be created"
+    try:
+        with tempfile.TemporaryFile(prefix=".write-probe-", dir=existing):
+            pass
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror or error})"
+    return None
+
+
+def check_output_dirs(program: str, outputs) -> None:
+    """Fails with one line, before anything is built, for the first of
+    `outputs` (`(flag, value, folder)` triples) that cannot be written."""
+    for flag, value, folder in outputs:
+        reason = unwritable_reason(folder)
+        if reason:
+            fail(program, f"--{flag}={value}: {reason}.")
+
+
 def check_method_flags(program: str, run_flags) -> None:
     """Refuses a method-specific flag given for a method that has no such option."""
     accepted = method_options(run_flags.method)
@@ -44,7 +81,7 @@ def method_arguments(run_flags, data) -> dict:
     accepted = method_options(run_flags.method)
     arguments = {"seed": run_flags.seed}
     if "images" in accepted:
-        arguments["images"] = data.train_images
+        arguments["images"] = image_table(data.train_images)  # uint8 when exact
     if run_flags.temperature is not None:
         arguments["temperature"] = run_flags.temperature
     for flag, (option, convert) in METHOD_FLAGS.items():

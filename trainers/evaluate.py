@@ -19,9 +19,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402
+    check_output_dirs,
     define_checkpoint_flags,
     fail as _fail,
     load_data,
@@ -82,6 +83,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     if (FLAGS.checkpoint_dir is None) == (FLAGS.saved_model is None):
         fail("give exactly one of --checkpoint_dir (a training run) or --saved_model (an export).")
+    # Issue 13: the outputs can be written, before anything is loaded or computed.
+    outputs = []
+    if FLAGS.projector_dir:
+        outputs.append(("projector_dir", FLAGS.projector_dir, FLAGS.projector_dir))
+    if FLAGS.output_json:
+        if os.path.isdir(FLAGS.output_json):
+            fail(f"--output_json={FLAGS.output_json} is a folder; give a file name.")
+        parent = os.path.dirname(os.path.abspath(FLAGS.output_json))
+        outputs.append(("output_json", FLAGS.output_json, parent))
+    check_output_dirs(PROGRAM, outputs)
     import emc2_tf
 
     results = {}
@@ -131,10 +142,18 @@ def main(argv):
     dimension = embed_output(data.test_images[:1]).shape[1]
     print(f"effective rank (of D = {dimension}):     {results['effective_rank']:.2f}")
     if FLAGS.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output_json)), exist_ok=True)
         with open(FLAGS.output_json, "w") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)
     print("evaluation: " + json.dumps(results, sort_keys=True))
 
 
-if __name__ == "__main__":
-    app.run(main)
+def cli() -> None:
+    """The `emc2-evaluate` console script (pyproject.toml): parses the flags, runs `main`."""
+    from trainers.cli import run
+
+    run(main, __doc__)
+
+
+if __name__ == "__main__":  # python -m trainers.evaluate
+    cli()

@@ -17,9 +17,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402
+    check_output_dirs,
     define_checkpoint_flags,
     fail as _fail,
     load_trained_run,
@@ -44,10 +45,18 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import emc2_tf
 
+    # Issue 13: an unwritable --export_dir is one line before anything is loaded.
+    check_output_dirs(PROGRAM, [("export_dir", FLAGS.export_dir, FLAGS.export_dir)])
     run_flags, run, path = load_trained_run(PROGRAM, FLAGS.checkpoint_dir, FLAGS.checkpoint)
     name = FLAGS.model_name or model_name(run_flags)
     try:
         export_path = emc2_tf.export_encoder(run.encoder, FLAGS.export_dir, name)
+    except emc2_tf.NonFiniteError as error:  # issue 13: never serve NaN or inf weights
+        others = [os.path.basename(p) for p in emc2_tf.list_checkpoints(FLAGS.checkpoint_dir)
+                  if p != path]
+        hint = (f" Earlier checkpoints: {', '.join(others)} (export one with --checkpoint=)."
+                if others else "")
+        fail(f"checkpoint {path} holds non-finite weights: {error} Nothing was written.{hint}")
     except (OSError, ValueError) as error:
         fail(f"--export_dir={FLAGS.export_dir}: {error}")
     print(f"exported encoder: {export_path}")
@@ -56,5 +65,12 @@ def main(argv):
                                   sort_keys=True))
 
 
-if __name__ == "__main__":
-    app.run(main)
+def cli() -> None:
+    """The `emc2-export` console script (pyproject.toml): parses the flags, runs `main`."""
+    from trainers.cli import run
+
+    run(main, __doc__)
+
+
+if __name__ == "__main__":  # python -m trainers.export
+    cli()

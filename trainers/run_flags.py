@@ -11,13 +11,13 @@ run's `flags.txt` back with the same parsers and validators.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
 from absl import flags
 
 from emc2_tf.batch_selection import BATCH_SELECTIONS
+from emc2_tf.checks import finite_number
 from emc2_tf.distribute import STRATEGIES
 from emc2_tf.models import METHODS
 from emc2_tf.optimizers import OPTIMIZERS
@@ -139,7 +139,9 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "instead of the latest; implies --resume.", **fv)
     flags.DEFINE_bool("overwrite", False,
                       "Start afresh even if --checkpoint_dir holds checkpoints of an earlier "
-                      "run (they are deleted).", **fv)
+                      "run (they are deleted) or --model_name is an earlier run's (its "
+                      "TensorBoard folder and exports are kept; this run exports the next "
+                      "version).", **fv)
     flags.DEFINE_string("tensorboard_dir", "runs",
                         "TensorBoard logs go to <tensorboard_dir>/<model_name>; empty = off.", **fv)
     flags.DEFINE_integer("log_every_steps", 0,
@@ -151,25 +153,27 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("export_dir", "savedmodels", "Export root (TF Serving layout).", **fv)
     flags.DEFINE_bool("export", True, "Export the trained encoder.", **fv)
 
+    # Every float flag must be a finite number (issue 13: --temperature=inf or
+    # --worker_timeout=inf were accepted), checked by emc2_tf.checks.finite_number.
     validators = {
-        "temperature": (lambda v: v is None or v > 0, "--temperature must be > 0 (e.g. 0.07)."),
+        "temperature": (lambda v: v is None or _finite(v),
+                        "--temperature must be > 0 and finite (e.g. 0.07)."),
         "gamma": (lambda v: 0 < v <= 1, "--gamma must be in (0, 1] (e.g. 0.9)."),
-        "kcl_t": (lambda v: math.isfinite(v) and v > 0, "--kcl_t must be finite and > 0 (e.g. 2)."),
-        "kcl_gamma": (lambda v: math.isfinite(v) and v > 0,
-                      "--kcl_gamma must be finite and > 0 (e.g. 16)."),
+        "kcl_t": (_finite, "--kcl_t must be finite and > 0 (e.g. 2)."),
+        "kcl_gamma": (_finite, "--kcl_gamma must be finite and > 0 (e.g. 16)."),
         "spectral_every": (lambda v: v >= 1, "--spectral_every must be ≥ 1."),
         "spectral_groups": (lambda v: v >= 1, "--spectral_groups must be ≥ 1."),
         "batch_size": (lambda v: v >= 2, "--batch_size must be ≥ 2."),
         "epochs": (lambda v: v >= 1, "--epochs must be ≥ 1."),
-        "learning_rate": (lambda v: math.isfinite(v) and v > 0,
-                          "--learning_rate must be finite and > 0."),
-        "weight_decay": (lambda v: math.isfinite(v) and v >= 0,
+        "learning_rate": (_finite, "--learning_rate must be finite and > 0 (e.g. 1e-3)."),
+        "weight_decay": (lambda v: _finite(v, strictly_positive=False),
                          "--weight_decay must be finite and ≥ 0 (e.g. 1e-4)."),
         "warmup_epochs": (lambda v: v >= 0, "--warmup_epochs must be ≥ 0 (0 = no warm-up)."),
         "train_size": (lambda v: v >= 0, "--train_size must be ≥ 0 (0 = every training image)."),
         "burn_in": (lambda v: v >= -1, "--burn_in must be -1 (B − 1) or ≥ 0."),
         "cpu_devices": (lambda v: v >= 0, "--cpu_devices must be ≥ 0."),
-        "worker_timeout": (lambda v: v > 0, "--worker_timeout must be > 0."),
+        "worker_timeout": (_finite, "--worker_timeout must be > 0 and finite (seconds, e.g. "
+                                    "120)."),
         "eval_every": (lambda v: v >= 0, "--eval_every must be ≥ 0."),
         "checkpoint_every_steps": (lambda v: v >= 0, "--checkpoint_every_steps must be ≥ 0."),
         "keep_checkpoints": (lambda v: v >= 1, "--keep_checkpoints must be ≥ 1."),
@@ -179,6 +183,15 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     }
     for name, (check, message) in validators.items():
         flags.register_validator(name, check, message, **fv)
+
+
+def _finite(value, strictly_positive: bool = True) -> bool:
+    """Whether `value` is a finite number > 0 (or ≥ 0): `emc2_tf.checks.finite_number`."""
+    try:
+        finite_number(value, "value", strictly_positive)
+    except ValueError:
+        return False
+    return True
 
 
 def flags_file_text(flag_values: flags.FlagValues, names) -> str:
@@ -196,10 +209,15 @@ def write_flags_file(directory: str, text: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FLAGS_FILE)
     handle, staging = tempfile.mkstemp(prefix=".flags-", dir=directory)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.chmod(staging, 0o644)
-    os.replace(staging, path)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.chmod(staging, 0o644)
+        os.replace(staging, path)
+    except BaseException:  # e.g. a full disk: leave no half-written staging file
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
     return path
 
 

@@ -2,7 +2,8 @@ r"""Pre-train an encoder with a contrastive method, evaluate it, export it.
 
     python -m trainers.train --method=emc2 --dataset=digits --epochs=30
     python -m trainers.train --resume            # after a crash or preemption
-    python -m trainers.train --flagfile=checkpoints/emc2/flags.txt --overwrite  # repeat a run
+    python -m trainers.train --flagfile=checkpoints/emc2/flags.txt --model_name=emc2-repeat
+                                                 # the same run again, under its own name
 
 Steps: load the data set (no download), build the two-view pipeline and the
 encoder, `model.fit` with a progress bar, checkpoints in `--checkpoint_dir`
@@ -24,11 +25,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     build_run,
     check_method_flags,
+    check_output_dirs,
     check_warmup,
     checkpoint_dir,
     fail as _fail,
@@ -48,8 +50,12 @@ FLAGS = flags.FLAGS
 define_train_flags(FLAGS)
 PROGRAM = "train"
 
-#: Flags of one invocation, not of the run: left out of flags.txt.
-INVOCATION_ONLY = ("resume", "resume_from", "overwrite")
+#: Flags of one invocation, not of the run: left out of flags.txt. Also
+#: --checkpoint_dir: `--resume` names the folder itself, and a repeat of the run
+#: (`--flagfile=<run>/flags.txt`) must not write into the original's folder; with
+#: the recorded --tensorboard_dir/--export_dir it then gets its own name or is
+#: refused (see `check_name_is_free`, issue 13).
+INVOCATION_ONLY = ("resume", "resume_from", "overwrite", "checkpoint_dir")
 
 
 def fail(message: str):
@@ -72,7 +78,8 @@ def run_flag_names() -> list[str]:
 
 
 def take_saved_flags(directory: str) -> None:
-    """`--resume`: the run's flags.txt supplies every run-defining flag not given."""
+    """`--resume`: the run's flags.txt supplies every flag not given (a run-defining
+    flag that is given must equal the recorded one)."""
     try:
         saved = read_flags_file(directory)
     except (FileNotFoundError, ValueError) as error:
@@ -85,9 +92,11 @@ def take_saved_flags(directory: str) -> None:
                      f"drop --{name} to continue that run.")
         else:
             FLAGS[name].value = saved[name].value
-    for name in ("epochs", "strategy", "cpu_devices", "eval_every", "checkpoint_every_steps",
-                 "keep_checkpoints", "tensorboard_dir", "log_every_steps", "export_dir"):
-        if not FLAGS[name].present:
+    # Every other flag the file records (--epochs, --export, --projector, --jit_compile, ...)
+    # keeps its recorded value unless given again; not --checkpoint_dir (the folder resumed).
+    for name in saved:
+        if (saved[name].present and name not in RUN_DEFINING + INVOCATION_ONLY
+                and name != "checkpoint_dir" and name in FLAGS and not FLAGS[name].present):
             FLAGS[name].value = saved[name].value
 
 
@@ -103,6 +112,29 @@ def remove_checkpoints(directory: str) -> None:
         path = os.path.join(directory, name)
         if name in ("checkpoint", FLAGS_FILE) or name.startswith(".worker-"):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def check_name_is_free(name: str, tensorboard_dir: str | None) -> None:
+    """A new run (no --resume, no --overwrite) must not take an earlier run's name.
+
+    Otherwise it would write its TensorBoard logs into the earlier run's
+    `<tensorboard_dir>/<name>` and publish itself as the newest served version
+    of `<export_dir>/<name>`: what a repeat with `--flagfile=<run>/flags.txt`
+    did (issue 13). The fix: give the repeat its own `--model_name`.
+    """
+    from emc2_tf.export import existing_versions
+
+    taken = []
+    if tensorboard_dir and os.path.isdir(tensorboard_dir) and os.listdir(tensorboard_dir):
+        taken.append(f"{tensorboard_dir} holds its TensorBoard logs")
+    versions = existing_versions(os.path.join(FLAGS.export_dir, name)) if FLAGS.export else []
+    if versions:
+        taken.append(f"{os.path.join(FLAGS.export_dir, name)} serves its version {versions[-1]} "
+                     f"(this run would publish itself as version {versions[-1] + 1})")
+    if taken:
+        fail(f"--model_name={name} is the name of an earlier run: {'; '.join(taken)}. Give this "
+             f"run its own --model_name (e.g. --model_name={name}-2; a --flagfile repeat of a "
+             "run needs one), or pass --overwrite to replace that run.")
 
 
 def state_digest(model) -> str:
@@ -143,6 +175,15 @@ def run() -> dict:
              f"{replicas} replicas of --strategy={FLAGS.strategy}; use a multiple of {replicas}.")
     chief = emc2_tf.is_chief(strategy)
     name = model_name(FLAGS)
+    tensorboard_dir = os.path.join(FLAGS.tensorboard_dir, name) if FLAGS.tensorboard_dir else None
+    # Issue 13: the output folders can be written, before any data is loaded or
+    # anything built (the chief alone writes TensorBoard logs and exports).
+    outputs = [("checkpoint_dir", directory, directory)] if directory else []
+    if tensorboard_dir and chief:
+        outputs.append(("tensorboard_dir", FLAGS.tensorboard_dir, tensorboard_dir))
+    if FLAGS.export and chief:
+        outputs.append(("export_dir", FLAGS.export_dir, os.path.join(FLAGS.export_dir, name)))
+    check_output_dirs(PROGRAM, outputs)
     data = load_run_data(PROGRAM, FLAGS)  # with the --train_size subset, if any
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
@@ -154,6 +195,8 @@ def run() -> dict:
         fail(f"--checkpoint_dir={directory} holds checkpoints of an earlier run (latest "
              f"{os.path.basename(existing[-1])}); pass --resume to continue it, --overwrite to "
              "delete them and start afresh, or choose another --checkpoint_dir/--model_name.")
+    if not resume and not FLAGS.overwrite and chief:
+        check_name_is_free(name, tensorboard_dir)
     built = build_run(PROGRAM, FLAGS, strategy, data)
     encoder, model, encoder_name = built.encoder, built.model, built.encoder_name
     temperature = model.temperature
@@ -180,7 +223,6 @@ def run() -> dict:
         callbacks.append(batch_order)
     if FLAGS.eval_every:
         callbacks.append(emc2_tf.KNNAccuracyCallback(encoder, data, FLAGS.eval_every))
-    tensorboard_dir = os.path.join(FLAGS.tensorboard_dir, name) if FLAGS.tensorboard_dir else None
     if tensorboard_dir and chief:  # one writer per cluster; after KNN: its value is logged
         callbacks.append(emc2_tf.TrainingScalars(tensorboard_dir, FLAGS.log_every_steps))
 
@@ -197,8 +239,21 @@ def run() -> dict:
                 resumed_from = checkpoint.restore(FLAGS.resume_from)
             except emc2_tf.CheckpointError as error:
                 fail(f"--resume: {error}")
+            done_epochs, done_steps = checkpoint.position
+            if resumed_from and done_epochs >= FLAGS.epochs:
+                # Issue 13: a finished run; nothing is trained, written or exported again.
+                print(f"{PROGRAM}: nothing left to train: {resumed_from} ends epoch "
+                      f"{done_epochs} (global step {checkpoint.global_step}) and --epochs="
+                      f"{FLAGS.epochs}; nothing was trained, written or exported. Pass a larger "
+                      f"--epochs to train longer, or export it again with: python -m "
+                      f"trainers.export --checkpoint_dir={directory}", file=sys.stderr)
+                sys.exit(0)
         if chief:
-            write_flags_file(directory, flags_file_text(FLAGS, run_flag_names()))
+            try:
+                write_flags_file(directory, flags_file_text(FLAGS, run_flag_names()))
+            except OSError as error:
+                fail(f"--checkpoint_dir={directory}: cannot write {FLAGS_FILE}: "
+                     f"{error.strerror or error}.")
 
     def make_dataset(start_epoch: int, start_step: int):
         return emc2_tf.make_two_view_dataset(
@@ -225,12 +280,23 @@ def run() -> dict:
     train_started = time.time()
     # A live progress bar on a terminal; one line per epoch in a log file.
     verbose = 1 if sys.stdout.isatty() else 2
-    if checkpoint:
-        history = emc2_tf.fit_with_checkpoints(
-            model, make_dataset, FLAGS.epochs, checkpoint, callbacks, verbose=verbose)
-    else:
-        history = model.fit(make_dataset(0, 0), epochs=FLAGS.epochs, callbacks=callbacks,
-                            verbose=verbose).history
+    try:
+        if checkpoint:
+            history = emc2_tf.fit_with_checkpoints(
+                model, make_dataset, FLAGS.epochs, checkpoint, callbacks, verbose=verbose)
+        else:
+            history = model.fit(make_dataset(0, 0), epochs=FLAGS.epochs, callbacks=callbacks,
+                                verbose=verbose).history
+    except emc2_tf.NonFiniteError as error:  # issue 13: one line naming epoch and step
+        if sys.stdout.isatty():
+            print(file=sys.stdout)  # end the progress bar's line
+        saved = emc2_tf.list_checkpoints(directory) if directory and chief else []
+        kept = (f"the latest checkpoint, {saved[-1]}, holds finite weights" if saved
+                else "no checkpoint was written")
+        fail(f"{error} Nothing non-finite was saved ({kept}) and nothing exported; fix the "
+             "cause (e.g. a lower --learning_rate), then start afresh with --overwrite.")
+    except OSError as error:  # e.g. a full disk while writing a checkpoint
+        fail(str(error).splitlines()[0] if str(error) else repr(error))
     train_seconds = time.time() - train_started
     if checkpoint and checkpoint.interrupted is not None:
         epoch, step = checkpoint.position
@@ -281,7 +347,13 @@ def run() -> dict:
         summary["checkpoint_dir"] = directory
         summary["resumed_from"] = resumed_from
     if FLAGS.export and chief:  # the other workers hold identical weights
-        summary["export_path"] = emc2_tf.export_encoder(encoder, FLAGS.export_dir, name)
+        try:
+            summary["export_path"] = emc2_tf.export_encoder(encoder, FLAGS.export_dir, name)
+        except (OSError, ValueError) as error:
+            fail(f"--export_dir={FLAGS.export_dir}: {error} The trained run is in "
+                 f"{directory or '(no checkpoints)'}" + (
+                     f"; export it later with: python -m trainers.export "
+                     f"--checkpoint_dir={directory}" if directory else "."))
     if FLAGS.projector and tensorboard_dir and chief:
         summary["projector"] = emc2_tf.export_projector(
             emc2_tf.embed(encoder, data.test_images), data.test_labels,
@@ -318,5 +390,12 @@ def main(argv):
     run()
 
 
-if __name__ == "__main__":
-    app.run(main)
+def cli() -> None:
+    """The `emc2-train` console script (pyproject.toml): parses the flags, runs `main`."""
+    from trainers.cli import run
+
+    run(main, __doc__)
+
+
+if __name__ == "__main__":  # python -m trainers.train
+    cli()

@@ -18,6 +18,8 @@ from typing import Any
 import tensorflow as tf
 
 INDEX_RANGE_MESSAGE = "emc2_tf: sample index out of range"
+#: A batch of one image has no negatives: its loss is 0 and nothing is learnt.
+BATCH_SIZE_MESSAGE = "emc2_tf: a batch of fewer than 2 images"
 
 _EXPECTED = (
     "each element must hold the sample index and two views: a dict "
@@ -87,18 +89,31 @@ def check_two_view_spec(index: Any, view1: Any, view2: Any) -> None:
 
 
 def check_dataset(dataset: tf.data.Dataset, dataset_size: int) -> tf.data.Dataset:
-    """Validates a dataset's element spec and adds a run-time index range check.
+    """Validates a dataset's element spec and adds run-time index range and batch
+    size (≥ 2) checks.
 
-    The range check runs in the input pipeline (outside any XLA cluster,
-    where assertions would be dropped) and fails with `INDEX_RANGE_MESSAGE`,
-    which `ContrastiveModel.fit` turns into a `ValueError`.
+    A static batch below 2 raises `ValueError` at once. The run-time checks run
+    in the input pipeline (outside any XLA cluster, where assertions would be
+    dropped) and fail with `INDEX_RANGE_MESSAGE` or
+    `BATCH_SIZE_MESSAGE`, which `ContrastiveModel.fit` turns into a `ValueError`.
     """
-    unpack_two_view_batch(dataset.element_spec)
+    index_spec = unpack_two_view_batch(dataset.element_spec)[0]
+    static_batch = index_spec.shape[0] if index_spec.shape.rank else None
+    if static_batch is not None and static_batch < 2:
+        raise ValueError(
+            f"The dataset's batches hold {static_batch} image(s): a contrastive batch needs "
+            "B ≥ 2 images (the negatives of each image are the others' views; with one the "
+            "loss is 0 and nothing is learnt). Batch it with a batch size ≥ 2."
+        )
 
     def check_range(*element):
         data = element[0] if len(element) == 1 else element
         index = unpack_two_view_batch(data)[0]
         checks = [
+            # A partial last batch (drop_remainder=False) can hold a single image.
+            tf.debugging.assert_greater_equal(
+                tf.shape(index)[0], 2, message=BATCH_SIZE_MESSAGE
+            ),
             tf.debugging.assert_greater_equal(
                 index, tf.cast(0, index.dtype), message=INDEX_RANGE_MESSAGE
             ),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.checks import check_finite_images
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
 from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 
@@ -66,6 +67,7 @@ def make_two_view_dataset(
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape [N, H, W, C]; got {images.shape}.")
+    check_finite_images(images, "images")  # one NaN pixel wrecks training (issue 13)
     num_images = images.shape[0]
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
         raise ValueError(f"batch_size must be an integer ≥ 2; got {batch_size!r}.")

@@ -14,9 +14,12 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
+
+from emc2_tf.checks import check_finite_images
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -55,6 +58,8 @@ def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
     if np.issubdtype(images.dtype, np.integer):
         images = images.astype(np.float32) / 255.0
     images = images.astype(np.float32)
+    # Before the range check, which NaN passes (every comparison with NaN is False).
+    check_finite_images(images, name)
     if images.size and (images.min() < 0.0 or images.max() > 1.0):
         raise ValueError(
             f"{name}: float images must have values in [0, 1]; got range "
@@ -155,15 +160,31 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Reads one idx file (optionally gzip-compressed) as a uint8 array."""
+    """Reads one idx file (optionally gzip-compressed) as a uint8 array.
+
+    Raises `ValueError` naming the file if it is truncated or corrupt (a cut
+    `.gz` stream, a bad gzip header or CRC, a short header or body) or cannot
+    be read.
+    """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.read(4)
-        if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
-            raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number).")
-        ndim = header[3]
-        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
-        data = np.frombuffer(handle.read(), dtype=np.uint8)
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(4)
+            if len(header) != 4 or header[0] != 0 or header[1] != 0 or header[2] != 0x08:
+                raise ValueError(
+                    f"{path} is not an idx file of unsigned bytes (bad magic number).")
+            ndim = header[3]
+            dims = handle.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                raise ValueError(f"{path} is truncated: its header ends after {len(dims) + 4} "
+                                 f"of {4 * ndim + 4} bytes.")
+            shape = struct.unpack(">" + "I" * ndim, dims)
+            data = np.frombuffer(handle.read(), dtype=np.uint8)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} is truncated or corrupt ({type(error).__name__}: {error}); "
+                         "replace it with a complete copy.") from None
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read: {error.strerror or error}.") from None
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, got {data.size}.")
     return data.reshape(shape)
@@ -224,10 +245,23 @@ def load_tfds(
             as_supervised=False,
         )
     except Exception as error:  # tfds raises several types for a missing data set
+        where = data_dir or "~/tensorflow_datasets (tfds' default)"
+        prepare = (f"prepare it on a machine with network (`tfds build {name} "
+                   "--data_dir=DIR`) and pass data_dir=DIR (--data_dir=DIR); nothing is "
+                   "downloaded here")
+        if type(error).__name__ == "DatasetNotFoundError":
+            # Its message lists the whole TFDS catalogue (hundreds of lines).
+            raise ValueError(
+                f"unknown data set {name!r}: the built-in ones are {', '.join(BUILTIN_DATASETS)}; "
+                f"any other name must be a TensorFlow Datasets builder (e.g. cifar10, stl10): "
+                f"{prepare}."
+            ) from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if len(reason) > 300:
+            reason = reason[:300] + "…"
         raise ValueError(
-            f"Could not load the tfds data set {name!r} from data_dir={data_dir!r} "
-            f"without downloading ({type(error).__name__}: {error}). Prepare it "
-            "elsewhere with `tfds build` and pass --data_dir."
+            f"could not load the tfds data set {name!r} from {where} without downloading "
+            f"({type(error).__name__}: {reason}); {prepare}."
         ) from None
 
     def to_numpy(split):
@@ -241,6 +275,10 @@ def load_tfds(
     return from_arrays(
         train[image_key], train[label_key], test[image_key], test[label_key], name=name
     )
+
+
+#: The data sets `load_dataset` knows without TensorFlow Datasets.
+BUILTIN_DATASETS = ("digits", "fashion_mnist")
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> ImageDataset:

@@ -8,11 +8,13 @@ only same-view negatives: the uniformity (energy) term is decoupled from the
 positive. `symmetric=True` (default, as the authors' code) adds the bracket.
 """
 
+import keras
 import tensorflow as tf
 
 from emc2_tf.losses._common import check_views, masked_logsumexp
 
 
+@keras.saving.register_keras_serializable(package="emc2_tf")
 def dhel_loss(
     view1: tf.Tensor, view2: tf.Tensor, temperature: float = 0.3, symmetric: bool = True
 ) -> tf.Tensor:

@@ -22,6 +22,7 @@ energy like the authors' γ = 32. (The authors L2-normalise inside the loss;
 here the encoder's output is already L2-normalised.)
 """
 
+import keras
 import tensorflow as tf
 
 from emc2_tf.losses._common import check_views
@@ -37,6 +38,7 @@ def gaussian_kernel(x: tf.Tensor, y: tf.Tensor, t: float) -> tf.Tensor:
     return tf.exp(-t * tf.maximum(squared, 0.0))
 
 
+@keras.saving.register_keras_serializable(package="emc2_tf")
 def kcl_loss(
     view1: tf.Tensor, view2: tf.Tensor, t: float = 2.0, gamma: float = 16.0
 ) -> tf.Tensor:

@@ -16,7 +16,7 @@ from emc2_tf.losses.dhel import dhel_loss
 from emc2_tf.losses.kcl import kcl_loss
 from emc2_tf.losses.nt_xent import nt_xent_loss
 from emc2_tf.models.contrastive_model import ContrastiveModel
-from emc2_tf.models.emc2 import EMC2Model
+from emc2_tf.models.emc2 import EMC2Model, image_table
 from emc2_tf.models.in_batch import InBatchContrastiveModel
 from emc2_tf.models.sogclr import SogCLRModel
 

@@ -9,6 +9,7 @@ optimizer, and log the unscaled loss plus the method's own scalars.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import keras
@@ -59,6 +60,9 @@ def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
         getattr(extended, "_in_multi_worker_mode", lambda: False)()
     )
+
+
+_SEED_STATE_KEY = "seed_generator_state"
 
 
 class _EpochScheduleSync(keras.callbacks.Callback):
@@ -114,6 +118,65 @@ class ContrastiveModel(keras.Model):
         self.step_trackers = {
             name: keras.metrics.Mean(name=name) for name in self.step_metric_names
         }
+        # Every weight exists from construction (the encoder is built, the
+        # per-sample state is added by the subclass's __init__), so the model
+        # is built: `load_weights` works on a fresh model.
+        self.built = True
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, the encoder serialized with it (Keras `.keras` files).
+
+        Per-sample state and weights are not config: `model.save` stores them
+        as variables beside it.
+        """
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "dataset_size": self.dataset_size,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ContrastiveModel":
+        config = copy.deepcopy(config)  # deserializing consumes the nested dicts
+        config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
+        return cls(**config)
+
+    def save_own_variables(self, store):
+        """Keras' variables plus the MH seed state, so a `.keras` file resumes the draws."""
+        super().save_own_variables(store)
+        store[_SEED_STATE_KEY] = np.asarray(self.seed_generator.state)
+
+    def load_own_variables(self, store):
+        keys = [key for key in store.keys() if key != _SEED_STATE_KEY]
+        super().load_own_variables({key: store[key] for key in keys})
+        if _SEED_STATE_KEY in store.keys():
+            self.seed_generator.state.assign(store[_SEED_STATE_KEY])
+
+    def _build_optimizer(self) -> None:
+        if getattr(self, "optimizer", None) is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras' version, with the optimizer's slots created first so that a
+        compiled model restores them too (Keras skips an unbuilt optimizer)."""
+        self._build_optimizer()
+        return super().load_weights(filepath, *args, **kwargs)
+
+    def export(self, filepath: str, format: str = "tf_saved_model", verbose=None, **kwargs):
+        """Writes the encoder as a SavedModel at `filepath`, with the serving
+        signature of `emc2_tf.export_encoder` (`serving_default`: `images` →
+        `{"embedding"}`), written to a temporary folder and renamed into place.
+        """
+        if format != "tf_saved_model":
+            raise ValueError(
+                f"format must be 'tf_saved_model' (the TF Serving layout); got {format!r}.")
+        from emc2_tf.export import write_saved_model
+
+        return write_saved_model(self.encoder, filepath)
 
     @property
     def inverse_temperature(self) -> float:
@@ -142,6 +205,8 @@ class ContrastiveModel(keras.Model):
             index: int32 `[B]` sample indices.
             embeddings: `[2B, D]`, view 1 of the B images then view 2.
         Runs inside the gradient tape; state updates happen here too.
+        `training=False` (`test_step`, held-out data): read and write no
+        per-sample state, draw with `evaluation_uniform`.
         """
         raise NotImplementedError
 
@@ -214,13 +279,11 @@ class ContrastiveModel(keras.Model):
         if not replicated and context is not None and context.num_replicas_in_sync > 1:
             index = all_gather(context, index)
             updates = [(variable, all_gather(context, values)) for variable, values in updates]
-        rows = index[:, None]
         for variable, values in updates:
-            variable.assign(
-                tf.tensor_scatter_nd_update(
-                    variable.value, rows, tf.cast(values, variable.dtype)
-                )
-            )
+            # A sparse write of the B rows (ResourceScatterUpdate): the [N] table
+            # is neither read nor copied, so the step's cost does not grow with N.
+            variable.value.scatter_update(
+                tf.IndexedSlices(tf.cast(values, variable.dtype), index))
 
     def train_step(self, data):
         index, view1, view2 = unpack_two_view_batch(data)
@@ -240,6 +303,18 @@ class ContrastiveModel(keras.Model):
         trainable = self.trainable_variables
         gradients = tape.gradient(scaled_loss, trainable)
         self.optimizer.apply(gradients, trainable)
+        # Issue 13, finite or stop: the logged loss is NaN unless the loss, every
+        # gradient and every updated weight are finite (one is_finite reduction per
+        # tensor), so a broken step cannot log a finite loss; StopOnNonFinite, which
+        # `fit` adds, stops on it. Needed because in a graph the fused Conv2D+ReLU
+        # maps NaN to 0: NaN first-layer weights gave a finite loss of exactly 0.
+        # A LossScaleOptimizer skips steps with non-finite (scaled) gradients
+        # itself: only the loss and the weights are checked then.
+        from emc2_tf.safety import all_finite
+
+        skips_bad_gradients = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        finite = all_finite([loss, *([] if skips_bad_gradients else gradients), *trainable])
+        loss = tf.where(finite, loss, tf.constant(np.nan, loss.dtype))
         self.loss_tracker.update_state(loss)
         for name, value in scalars.items():
             self.step_trackers[name].update_state(value)
@@ -249,6 +324,41 @@ class ContrastiveModel(keras.Model):
             # axis=0)`, which rejects scalars; a [1] vector reduces to a scalar.
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
+
+    def test_step(self, data):
+        """The method's loss on a held-out two-view batch, per-sample state untouched.
+
+        `contrastive_loss(..., training=False)`: no state is read or written
+        and no training draw is consumed (held-out indices address no stored
+        state), so `fit(validation_data=...)` trains exactly as without it.
+        """
+        index, view1, view2 = unpack_two_view_batch(data)
+        index = tf.cast(index, tf.int32)
+        views = tf.concat([tf.cast(view1, tf.float32), tf.cast(view2, tf.float32)], axis=0)
+        embeddings = tf.cast(self.encoder(views, training=False), tf.float32)
+        loss, scalars = self.contrastive_loss(index, embeddings, training=False)
+        self.loss_tracker.update_state(loss)
+        for name, value in scalars.items():
+            self.step_trackers[name].update_state(value)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        if _multi_worker(self.distribute_strategy):
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def predict_step(self, data):
+        """Embeddings of a batch of images (or of view 1 of a two-view batch)."""
+        if isinstance(data, (tuple, list)) and len(data) == 1:
+            data = data[0]
+        return self(data, training=False)
+
+    def evaluation_uniform(self, index: tf.Tensor, shape) -> tf.Tensor:
+        """Uniform(0, 1) draws for `test_step`: a pure function of the model's
+        seed and the batch's indices, so evaluating never advances the training
+        draws (`random_uniform`) and gives the same value every time."""
+        index = tf.cast(index, tf.int64)
+        mixed = tf.reduce_sum((index + 1) * tf.range(1, tf.size(index) + 1, dtype=tf.int64))
+        seed = tf.stack([tf.constant(self.seed or 0, tf.int64), mixed])
+        return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32, alg="philox")
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds the optimizer without peeking at the data.
@@ -264,9 +374,7 @@ class ContrastiveModel(keras.Model):
                 and getattr(self, "_compile_loss", None) is None):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         self.built = True
-        if self.optimizer is not None and not self.optimizer.built:
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_variables)
+        self._build_optimizer()
 
     def check_global_batch(self, dataset: tf.data.Dataset) -> None:
         """Raises `ValueError` unless the global batch splits evenly over the replicas."""
@@ -296,15 +404,29 @@ class ContrastiveModel(keras.Model):
         raises one `ValueError` naming the problem. A dataset from
         `make_two_view_dataset` yields Keras' epoch (`initial_epoch`
         included): its batches and views depend on the epoch number only.
+        A batch of fewer than 2 images raises `ValueError`; a step whose loss, gradient or updated
+        weights are not finite stops training with `emc2_tf.NonFiniteError`
+        naming the epoch and step (`emc2_tf.StopOnNonFinite`).
         """
+        # Issue 13 (safety, see emc2_tf/safety.py): stop at the first non-finite
+        # step with a NonFiniteError (StopOnNonFinite, first in the list, unless the
+        # caller passed one). (EMC²'s image table is checked when it is set.)
+        from emc2_tf.data.batch import BATCH_SIZE_MESSAGE
+        from emc2_tf.safety import StopOnNonFinite
+
+        steps_per_epoch = None
         if isinstance(x, tf.data.Dataset):
             schedule = getattr(x, "epoch_schedule", None)
             if schedule is not None:
+                steps_per_epoch = schedule.order.num_batches
                 callbacks = list(kwargs.get("callbacks") or [])
                 kwargs["callbacks"] = [_EpochScheduleSync(schedule), *callbacks]
             self.check_global_batch(x)
             x = check_dataset(x, self.dataset_size)
             kwargs.setdefault("shuffle", False)  # a dataset's order is its own
+        callbacks = list(kwargs.get("callbacks") or [])
+        if not any(isinstance(callback, StopOnNonFinite) for callback in callbacks):
+            kwargs["callbacks"] = [StopOnNonFinite(steps_per_epoch), *callbacks]
         try:
             return super().fit(x, *args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
@@ -313,5 +435,11 @@ class ContrastiveModel(keras.Model):
                     f"The dataset yielded a sample index outside [0, dataset_size="
                     f"{self.dataset_size}): every index must address one of the "
                     f"{self.dataset_size} images the model was built for."
+                ) from None
+            if BATCH_SIZE_MESSAGE in str(error):  # issue 13: e.g. a partial last batch of 1
+                raise ValueError(
+                    "The dataset yielded a batch of 1 image: a contrastive batch needs B ≥ 2 "
+                    "images (with one the loss is 0 and nothing is learnt); batch with "
+                    "drop_remainder=True (make_two_view_dataset does) or drop that image."
                 ) from None
             raise

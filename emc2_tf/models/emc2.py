@@ -34,6 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.checks import check_finite_images
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
@@ -50,8 +51,14 @@ from emc2_tf.samplers.metropolis_hastings import (
 #: still counting in the normaliser (the official main_mcmc estimator).
 OUT_OF_BATCH_MODES = ("reencode", "drop")
 
-#: Largest in-memory image table accepted by default (bytes, float32).
+#: Largest in-memory image table accepted by default (bytes as stored:
+#: 4 per value for a float32 table, 1 for a uint8 table).
 DEFAULT_MAX_IMAGE_TABLE_BYTES = 2 * 1024**3
+
+#: Where the image table lives: host memory. A step gathers its B rows there
+#: and copies only those (uint8: a quarter of float32) to the accelerator, so
+#: the table never takes accelerator memory and is never copied whole.
+IMAGE_TABLE_DEVICE = "/CPU:0"
 
 
 class _ImageTable:
@@ -65,19 +72,25 @@ class _ImageTable:
         self.images = images
 
 
-def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Tensor:
+MISSING_IMAGES_MESSAGE = (
+    "EMC2Model needs `images` for out_of_batch='reencode' or exact_ratio=True: the "
+    "data set's un-augmented images [N, H, W, C] (float, values in [0, 1]), indexed "
+    "like the dataset's `index`, so a chain's out-of-batch negative can be re-encoded "
+    "with the current weights. Pass images= to the constructor, or call "
+    "model.set_image_table(images) on a loaded model (a .keras file does not store "
+    "the data set); out_of_batch='drop' without exact_ratio needs no table."
+)
+
+
+def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Tensor | None:
+    """The table as stored, in host memory: uint8 stays uint8 (0..255), float → float32."""
     if images is None:
-        raise ValueError(
-            "EMC2Model needs `images`: the data set's un-augmented images "
-            "[N, H, W, C] (float, values in [0, 1]), indexed like the dataset's "
-            "`index`, so a chain's out-of-batch negative can be re-encoded with "
-            "the current weights."
-        )
+        return None
     dtype = tf.as_dtype(images.dtype)
-    if not dtype.is_floating:
+    if not (dtype.is_floating or dtype == tf.uint8):
         raise ValueError(
-            f"images must be float with values in [0, 1] (like the views); got "
-            f"dtype {dtype.name}."
+            f"images must be float with values in [0, 1] (like the views), or uint8 "
+            f"(0..255, converted per gathered row); got dtype {dtype.name}."
         )
     shape = tuple(images.shape)
     if len(shape) != 4:
@@ -89,19 +102,57 @@ def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Ten
             f"images holds {shape[0]} images but dataset_size={dataset_size}; "
             "they must match (one image per sample index)."
         )
-    table_bytes = int(np.prod(shape)) * 4
+    stored = tf.uint8 if dtype == tf.uint8 else tf.float32
+    if stored == tf.float32:  # one NaN pixel would silently wreck training (issue 13)
+        check_finite_images(images, "images (the model's image table)")
+    table_bytes = int(np.prod(shape)) * stored.size
     if table_bytes > max_bytes:
+        smaller = (" Pass the images as uint8 (emc2_tf.image_table(images)) for a quarter "
+                   "of the size, or" if stored == tf.float32 else "")
         raise ValueError(
-            f"The in-memory image table needs {table_bytes / 1024**3:.2f} GiB, above "
-            f"the limit max_image_table_bytes={max_bytes} "
+            f"The in-memory image table needs {table_bytes / 1024**3:.2f} GiB as "
+            f"{stored.name}, above the limit max_image_table_bytes={max_bytes} "
             f"({max_bytes / 1024**3:.2f} GiB). EMC² re-encodes out-of-batch "
-            "negatives by index inside the compiled step, so the images must fit "
-            "in memory: use a smaller or lower-resolution data set, or raise the "
-            "limit if the device has room."
+            f"negatives by index inside the compiled step, so the images must fit "
+            f"in host memory.{smaller} use out_of_batch='drop' without exact_ratio "
+            "(it needs no table), or raise the limit if the host has room."
         )
-    return tf.convert_to_tensor(images, dtype=tf.float32)
+    with tf.device(IMAGE_TABLE_DEVICE):
+        return tf.convert_to_tensor(images, dtype=stored)
 
 
+def image_table(images: np.ndarray) -> np.ndarray:
+    """`images` as EMC²'s image table: uint8 when the float images are exactly
+    `k / 255` (every 8-bit data set), a quarter of the memory with identical
+    re-encodings; otherwise the float images unchanged.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
+        return images
+    quantised = np.rint(np.asarray(images, np.float32) * 255.0)
+    if quantised.min() < 0 or quantised.max() > 255:
+        return images
+    as_uint8 = quantised.astype(np.uint8)
+    if np.array_equal(as_uint8.astype(np.float32) / np.float32(255.0),
+                      np.asarray(images, np.float32)):
+        return as_uint8
+    return images
+
+
+def gather_images(table: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Rows `index` of the image table as float32 in [0, 1].
+
+    The gather runs where the table lives (host memory); only the B rows
+    travel, still as uint8 when the table is uint8, and are converted after.
+    """
+    with tf.device(table.device or IMAGE_TABLE_DEVICE):
+        rows = tf.gather(table, index)
+    if rows.dtype == tf.uint8:
+        return tf.cast(rows, tf.float32) / 255.0
+    return rows
+
+
+@keras.saving.register_keras_serializable(package="emc2_tf")
 class EMC2Model(ContrastiveModel):
     """Contrastive pre-training with EMC² negative chains.
 
@@ -120,8 +171,12 @@ class EMC2Model(ContrastiveModel):
     Args:
         encoder: images `[B, H, W, C]` → L2-normalised embeddings `[B, D]`.
         dataset_size: N; sample indices address `[0, N)`.
-        images: the N un-augmented images, float `[N, H, W, C]` in [0, 1],
-            used to re-encode a chain's out-of-batch negative.
+        images: the N un-augmented images, float `[N, H, W, C]` in [0, 1]
+            or uint8 0..255 (`emc2_tf.image_table` makes one: a quarter of
+            the memory), kept in host memory and used to re-encode a chain's
+            out-of-batch negative. Needed by `out_of_batch="reencode"` and by
+            `exact_ratio`; optional otherwise (None: no table at all), and
+            settable later with `set_image_table`.
         temperature: τ (paper default 0.07, i.e. β ≈ 14.3).
         burn_in: MH steps per pass not recorded; default `B − 1`, B the global batch.
         exact_ratio: recompute the current state's score with the current
@@ -201,9 +256,9 @@ class EMC2Model(ContrastiveModel):
             raise ValueError(
                 f"scan must be one of {', '.join(SCAN_IMPLEMENTATIONS)}; got {scan!r}.")
         self.scan = scan
-        self._image_table = _ImageTable(
-            _check_image_table(images, self.dataset_size, max_image_table_bytes)
-        )
+        self.max_image_table_bytes = int(max_image_table_bytes)
+        self._image_table = _ImageTable(None)
+        self.set_image_table(images)
         self.chain_index = self.add_weight(
             shape=(self.dataset_size,),
             dtype="int32",
@@ -222,9 +277,36 @@ class EMC2Model(ContrastiveModel):
         )
 
     @property
-    def images(self) -> tf.Tensor:
-        """The un-augmented image table the chains' negatives are read from."""
+    def images(self) -> tf.Tensor | None:
+        """The un-augmented image table the chains' negatives are read from (or None)."""
         return self._image_table.images
+
+    @property
+    def needs_image_table(self) -> bool:
+        """Whether training re-encodes stored negatives: `"reencode"` or `exact_ratio`."""
+        return self.out_of_batch == "reencode" or self.exact_ratio
+
+    def set_image_table(self, images: Any) -> None:
+        """Sets (or clears, with None) the un-augmented image table `[N, H, W, C]`.
+
+        A model restored with `keras.models.load_model` has its chains but not
+        the data set: give it the table before `fit`.
+        """
+        self._image_table.images = _check_image_table(
+            images, self.dataset_size, self.max_image_table_bytes)
+
+    def get_config(self):
+        """The constructor arguments except `images` (data, not model state)."""
+        return {**super().get_config(), "burn_in": self.burn_in,
+                "exact_ratio": self.exact_ratio, "out_of_batch": self.out_of_batch,
+                "waste_recycling": self.waste_recycling, "scan": self.scan,
+                "max_image_table_bytes": self.max_image_table_bytes}
+
+    def fit(self, *args, **kwargs):
+        """`ContrastiveModel.fit`, after checking the image table is there if needed."""
+        if self.needs_image_table and self.images is None:
+            raise ValueError(MISSING_IMAGES_MESSAGE)
+        return super().fit(*args, **kwargs)
 
     def contrastive_loss(self, index, embeddings, training=True):
         beta = tf.convert_to_tensor(self.inverse_temperature, dtype=embeddings.dtype)
@@ -237,10 +319,18 @@ class EMC2Model(ContrastiveModel):
         logits = beta * tf.matmul(embeddings, candidates, transpose_b=True)  # [2b, 2B]
         anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, b, 2B]
 
-        old_index = tf.gather(self.chain_index.value, index)
-        old_log_score = tf.gather(self.chain_log_score.value, index)
+        if training:
+            old_index = tf.gather(self.chain_index.value, index)
+            old_log_score = tf.gather(self.chain_log_score.value, index)
+            out_of_batch_logits = self._out_of_batch_logits(
+                view1, view2, old_index, beta, training)
+        else:  # held-out images: fresh, empty chains, nothing re-encoded or stored
+            old_index = tf.fill(tf.shape(index), tf.constant(OUT_OF_BATCH, index.dtype))
+            old_log_score = tf.fill(tf.shape(index), tf.constant(-np.inf, embeddings.dtype))
+            # Empty chains never read these; the exact-ratio refresh wants a tensor.
+            out_of_batch_logits = (tf.zeros([2, batch_size], embeddings.dtype)
+                                   if self.exact_ratio else None)
         has_state = old_index >= 0
-        out_of_batch_logits = self._out_of_batch_logits(view1, view2, old_index, beta, training)
 
         minus_inf = tf.fill(tf.shape(old_log_score), tf.constant(-np.inf, old_log_score.dtype))
         if self.exact_ratio:
@@ -250,7 +340,9 @@ class EMC2Model(ContrastiveModel):
         initial_log_score = tf.where(has_state, current, minus_inf)
 
         burn_in = default_burn_in(global_batch_size) if self.burn_in is None else self.burn_in
-        log_uniforms = tf.math.log(self.random_uniform([2, 2 * global_batch_size, batch_size]))
+        draw_shape = [2, 2 * global_batch_size, batch_size]
+        log_uniforms = tf.math.log(self.random_uniform(draw_shape) if training
+                                   else self.evaluation_uniform(all_index, draw_shape))
         scan = mh_scan(
             anchor_logits,
             candidate_mask(index, all_index),
@@ -269,15 +361,16 @@ class EMC2Model(ContrastiveModel):
         positive_term = beta * tf.reduce_sum(view1 * view2, axis=-1)  # [b]
         loss = tf.reduce_mean(negative_term) - tf.reduce_mean(positive_term)
 
-        # Step 7: write back the batch's chains.
-        candidate_index = tf.concat([all_index, all_index], axis=0)
+        # Step 7: write back the batch's chains (not for held-out data).
         final_state = scan.final_state
-        new_index = tf.where(
-            final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)), old_index
-        )
-        self.update_sample_state(
-            index, [(self.chain_index, new_index), (self.chain_log_score, scan.final_log_score)]
-        )
+        if training:
+            candidate_index = tf.concat([all_index, all_index], axis=0)
+            new_index = tf.where(
+                final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)),
+                old_index)
+            self.update_sample_state(
+                index, [(self.chain_index, new_index), (self.chain_log_score, scan.final_log_score)]
+            )
 
         valid_steps = 2.0 * tf.reduce_sum(tf.cast(scan.valid, tf.float32))
         acceptance_rate = tf.math.divide_no_nan(
@@ -298,7 +391,7 @@ class EMC2Model(ContrastiveModel):
         """
         if self.out_of_batch == "drop" and not self.exact_ratio:
             return None
-        old_images = tf.gather(self.images, tf.maximum(old_index, 0))
+        old_images = gather_images(self.images, tf.maximum(old_index, 0))
         old_embeddings = tf.cast(self.encoder(old_images, training=training), view1.dtype)
         if self.out_of_batch == "drop":
             old_embeddings = tf.stop_gradient(old_embeddings)

@@ -19,6 +19,7 @@ import tensorflow as tf
 from emc2_tf.models.contrastive_model import ContrastiveModel
 
 
+@keras.saving.register_keras_serializable(package="emc2_tf")
 class InBatchContrastiveModel(ContrastiveModel):
     """A contrastive model whose loss is a function of the batch's two views.
 
@@ -49,6 +50,18 @@ class InBatchContrastiveModel(ContrastiveModel):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
         self.loss_fn = loss_fn
         self.loss_kwargs = dict(loss_kwargs or {})
+
+    def get_config(self):
+        """Adds the loss function (registered as `emc2_tf>name`) and its options."""
+        return {**super().get_config(),
+                "loss_fn": keras.saving.serialize_keras_object(self.loss_fn),
+                "loss_kwargs": dict(self.loss_kwargs)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["loss_fn"] = keras.saving.deserialize_keras_object(config["loss_fn"])
+        return super().from_config(config)
 
     def contrastive_loss(self, index, embeddings, training=True):
         # Under a strategy every replica computes the loss of the global batch

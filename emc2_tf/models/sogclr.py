@@ -46,6 +46,7 @@ def check_gamma(gamma: float) -> float:
     return value
 
 
+@keras.saving.register_keras_serializable(package="emc2_tf")
 class SogCLRModel(ContrastiveModel):
     """Contrastive pre-training with SogCLR (Yuan et al., ICML 2022).
 
@@ -90,6 +91,9 @@ class SogCLRModel(ContrastiveModel):
             name="log_u",
         )
 
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma}
+
     def contrastive_loss(self, index, embeddings, training=True):
         # Every replica computes the global batch's estimate and update: the
         # same numbers everywhere, so the u-table stays identical across replicas.
@@ -97,6 +101,9 @@ class SogCLRModel(ContrastiveModel):
         batch_size = tf.shape(index)[0]
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
         log_g = tf.stop_gradient(sogclr_batch_estimate(view1, view2, self.temperature))
+        if not training:
+            # Held-out images have no stored u: the first-visit rule, u = g.
+            return sogclr_surrogate_loss(view1, view2, log_g, self.temperature), {}
         stored = tf.gather(self.log_u.value, index)
         log_u_views = sogclr_moving_average(stored, log_g, self.gamma)  # [2, B]
         loss = sogclr_surrogate_loss(view1, view2, log_u_views, self.temperature)
