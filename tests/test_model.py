@@ -157,7 +157,8 @@ class TestBadInput:
     def test_images_are_required_to_fit_a_reencoding_model(self, small):
         """Without the table a re-encoding variant fails at fit, before any step,
         naming `images` and `set_image_table` (a loaded .keras model has none)."""
-        model = emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20)
+        model = emc2_tf.EMC2Model(encoder=frozen_encoder(4), dataset_size=20,
+                                  out_of_batch="reencode")
         model.compile(optimizer=keras.optimizers.SGD(0.0))
         with pytest.raises(ValueError, match="EMC2Model needs `images`.*set_image_table"):
             model.fit(self._views(small, [0, 1, 2, 3]), epochs=1, verbose=0)
