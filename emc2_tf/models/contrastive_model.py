@@ -285,10 +285,26 @@ class ContrastiveModel(keras.Model):
             variable.value.scatter_update(
                 tf.IndexedSlices(tf.cast(values, variable.dtype), index))
 
-    def train_step(self, data):
+    def _index_and_views(self, data) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(index int32 [B], views float32 [2B, H, W, C])`: view 1 then view 2."""
         index, view1, view2 = unpack_two_view_batch(data)
-        index = tf.cast(index, tf.int32)
         views = tf.concat([tf.cast(view1, tf.float32), tf.cast(view2, tf.float32)], axis=0)
+        return tf.cast(index, tf.int32), views
+
+    def _logs(self, loss: tf.Tensor, scalars: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Updates the loss and step trackers; returns the logs Keras reports."""
+        self.loss_tracker.update_state(loss)
+        for name, value in scalars.items():
+            self.step_trackers[name].update_state(value)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        if _multi_worker(self.distribute_strategy):
+            # Keras reduces logs across workers with `strategy.reduce(MEAN, v,
+            # axis=0)`, which rejects scalars; a [1] vector reduces to a scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def train_step(self, data):
+        index, views = self._index_and_views(data)
         with tf.GradientTape() as tape:
             # Under a mixed-precision policy the encoder computes in float16 or
             # bfloat16; the loss, the sampler and the per-sample state stay float32.
@@ -315,15 +331,7 @@ class ContrastiveModel(keras.Model):
         skips_bad_gradients = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         finite = all_finite([loss, *([] if skips_bad_gradients else gradients), *trainable])
         loss = tf.where(finite, loss, tf.constant(np.nan, loss.dtype))
-        self.loss_tracker.update_state(loss)
-        for name, value in scalars.items():
-            self.step_trackers[name].update_state(value)
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        if _multi_worker(self.distribute_strategy):
-            # Keras reduces logs across workers with `strategy.reduce(MEAN, v,
-            # axis=0)`, which rejects scalars; a [1] vector reduces to a scalar.
-            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+        return self._logs(loss, scalars)
 
     def test_step(self, data):
         """The method's loss on a held-out two-view batch, per-sample state untouched.
@@ -332,18 +340,9 @@ class ContrastiveModel(keras.Model):
         and no training draw is consumed (held-out indices address no stored
         state), so `fit(validation_data=...)` trains exactly as without it.
         """
-        index, view1, view2 = unpack_two_view_batch(data)
-        index = tf.cast(index, tf.int32)
-        views = tf.concat([tf.cast(view1, tf.float32), tf.cast(view2, tf.float32)], axis=0)
+        index, views = self._index_and_views(data)
         embeddings = tf.cast(self.encoder(views, training=False), tf.float32)
-        loss, scalars = self.contrastive_loss(index, embeddings, training=False)
-        self.loss_tracker.update_state(loss)
-        for name, value in scalars.items():
-            self.step_trackers[name].update_state(value)
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        if _multi_worker(self.distribute_strategy):
-            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
-        return logs
+        return self._logs(*self.contrastive_loss(index, embeddings, training=False))
 
     def predict_step(self, data):
         """Embeddings of a batch of images (or of view 1 of a two-view batch)."""
