@@ -21,6 +21,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers.train --method=emc2 --dataset=digits --overwrite
 
+# pytest runs the test files on one worker process per core (pytest-xdist),
+# each file whole on one worker, so a file's module fixtures are built once.
+PYTEST := $(PY) -m pytest -q -rs -n auto --dist loadfile
+
 # The suite runs once: as Bazel py_tests where Bazel (with Debian's rules)
 # is installed, else with pytest; either way it says which.
 BAZEL_OK := $(shell command -v bazel >/dev/null 2>&1 && [ -d /usr/share/bazel/rules/java ] \
@@ -33,19 +37,19 @@ ifeq ($(BAZEL_OK),yes)
 else
 	@echo "make test: Bazel step skipped: bazel (with Debian's rules) is not installed" \
 	      "(apt-get install bazel-bootstrap bazel-rules-java bazel-platforms); running pytest"
-	$(PY) -m pytest -q -rs tests
+	$(PYTEST) tests
 endif
 
 # The suite with pytest, whether or not Bazel is installed.
 pytest: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(PYTEST) tests
 
 bazel-test: $(STAMP)
 	bazel test //... --test_arg=-rs
 
 # Also the opt-in heavy / real-data checks (e.g. Fashion-MNIST idx files).
 test-all: $(STAMP)
-	$(PY) -m pytest -q -rs tests --run-heavy
+	$(PYTEST) tests --run-heavy
 
 clean:
 	rm -rf $(VENV) runs checkpoints .pytest_cache

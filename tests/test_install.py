@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not helper
 SOURCES = ("pyproject.toml", "README.md", "emc2_tf", "trainers")
 PACKAGES = ("emc2_tf", "trainers")
 #: requirements.txt entries that are not runtime dependencies of the package.
-NOT_RUNTIME = {"pytest": "test", "setuptools": "build"}
+NOT_RUNTIME = {"pytest": "test", "pytest-xdist": "test", "setuptools": "build"}
 SCRIPTS = ("emc2-train", "emc2-evaluate", "emc2-export")
 
 
@@ -53,8 +53,8 @@ def test_pyproject_pins_are_requirements_txt_pins():
     """Bug caught: pyproject.toml and requirements.txt drifting apart (a pin bumped
     or a runtime package added in one file only), so that `pip install .` and
     `make setup` install different versions. The runtime entries of
-    requirements.txt, in order, must be pyproject's `dependencies`; pytest is the
-    `test` extra; setuptools (build only) is in neither."""
+    requirements.txt, in order, must be pyproject's `dependencies`; pytest and
+    pytest-xdist are the `test` extra; setuptools (build only) is in neither."""
     requirements = _requirements()
     project = _project()
     runtime = [r for r in requirements if _name(r) not in NOT_RUNTIME]

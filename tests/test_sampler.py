@@ -19,26 +19,25 @@ def test_accept_probability_formula(new, old):
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("scan", ["sequential", "parallel"])
 @pytest.mark.parametrize("s_new, s_old, tau", [(0.2, 0.5, 0.1), (0.5, 0.2, 0.1), (-0.3, 0.4, 0.5), (0.1, 0.3, 0.07)])
-def test_scan_accepts_with_min_one_exp_ratio(s_new, s_old, tau):
-    """First valid MH step of the scan: acceptance frequency = min(1, exp((s_new − s_old)/τ))."""
+def test_scan_accepts_with_min_one_exp_ratio(s_new, s_old, tau, scan):
+    """First valid MH step of the scan: acceptance frequency = min(1, exp((s_new − s_old)/τ)).
+
+    Bug caught: a wrong MH test (ratio inverted, τ dropped, `≤` on the wrong
+    side). The trials are independent chains of one scan: chain t sits on a
+    state of score `s_old` and its first valid candidate scores `s_new`."""
     trials = 6000
     beta = 1.0 / tau
-    index = tf.constant([0, 1])  # chain 0; candidate 1 = view 1 of image 1 is its first valid one
-    logits = tf.fill([2, 2, 4], 0.0)
-    logits = tf.tensor_scatter_nd_update(logits, [[0, 0, 1]], [beta * s_new])
-    valid = candidate_mask(index)
-    log_u = tf.math.log(tf.random.stateless_uniform([trials, 2, 4, 2], seed=[1, 2]))
-    initial = tf.constant([beta * s_old, 0.0])
-
-    @tf.function
-    def first_step_accepted(log_u):
-        return tf.map_fn(
-            lambda u: mh_scan(logits, valid, u, initial, burn_in=0).accepted[0, 0, 1],
-            log_u, fn_output_signature=tf.bool,
-        )
-
-    frequency = float(tf.reduce_mean(tf.cast(first_step_accepted(log_u), tf.float64)))
+    # Every chain sees the candidates of image 0's chain in the batch [0, 1]:
+    # candidate 1 (view 1 of image 1) is its first valid one.
+    valid = tf.tile(candidate_mask(tf.constant([0, 1]))[:1], [trials, 1])
+    logits = tf.tensor_scatter_nd_update(tf.zeros([2, 1, 4]), [[0, 0, 1]], [beta * s_new])
+    logits = tf.tile(logits, [1, trials, 1])
+    log_u = tf.math.log(tf.random.stateless_uniform([2, 4, trials], seed=[1, 2]))
+    initial = tf.fill([trials], beta * s_old)
+    accepted = mh_scan(logits, valid, log_u, initial, burn_in=0, scan=scan).accepted[0, :, 1]
+    frequency = float(tf.reduce_mean(tf.cast(accepted, tf.float64)))
     expected = min(1.0, np.exp((s_new - s_old) / tau))
     tolerance = 4 * np.sqrt(expected * (1 - expected) / trials) + 1e-9
     assert abs(frequency - expected) <= tolerance
