@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(PY) -m trainers.train --method=emc2 --dataset=digits --overwrite
 
 # pytest runs the test files on one worker process per core (pytest-xdist),
-# each file whole on one worker, so a file's module fixtures are built once.
-PYTEST := $(PY) -m pytest -q -rs -n auto --dist loadfile
+# tests handed out in chunks and stolen by an idle worker, so no file runs alone at the end.
+PYTEST := $(PY) -m pytest -q -rs -n auto --dist worksteal
 
 # The suite runs once: as Bazel py_tests where Bazel (with Debian's rules)
 # is installed, else with pytest; either way it says which.

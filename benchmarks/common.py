@@ -19,6 +19,45 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def parse_value(text: str):
+    """'true' → True, '3' → 3, '0.5' → 0.5, anything else the stripped string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_options(items: list[str]) -> dict:
+    """`['burn_in=0', 'exact_ratio=true']` → `{'burn_in': 0, 'exact_ratio': True}`.
+
+    Raises:
+        ValueError: naming the first item that is not `key=value`.
+    """
+    options = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        options[key.strip()] = parse_value(text)
+    return options
+
+
+def split_variant(entry: str) -> tuple[str, dict]:
+    """`'emc2/exact_ratio=true/out_of_batch=drop'` → `('emc2', {'exact_ratio': True,
+    'out_of_batch': 'drop'})`: a method and its constructor options, one label.
+
+    Raises:
+        ValueError: naming the first option that is not `key=value`.
+    """
+    method, *items = [part.strip() for part in entry.strip().split("/")]
+    return method, parse_options(items)
+
+
 def quiet_tensorflow() -> None:
     """Benchmarks build many models, each with its own traced functions: that is
     expected, so TensorFlow's retracing warnings are silenced."""

@@ -123,28 +123,12 @@ class Variant(NamedTuple):
     options: dict
 
 
-def parse_value(text: str):
-    """'true' → True, '3' → 3, '0.5' → 0.5, anything else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_variant(entry: str, flag: str = "methods") -> Variant:
     """`'emc2/exact_ratio=true'` → `Variant(that string, 'emc2', {'exact_ratio': True})`."""
-    method, *items = [part.strip() for part in entry.strip().split("/")]
-    options = {}
-    for item in items:
-        key, separator, text = item.partition("=")
-        if not separator or not key.strip():
-            fail(f"--{flag}: {item!r} in {entry!r} is not key=value.")
-        options[key.strip()] = parse_value(text)
+    try:
+        method, options = common.split_variant(entry)
+    except ValueError as error:
+        fail(f"--{flag}: {error} (in {entry!r}).")
     return Variant(entry.strip(), method, options)
 
 

@@ -68,32 +68,12 @@ def fail(message: str):
     sys.exit(2)
 
 
-def parse_options(items: list[str]) -> dict:
-    """`['burn_in=0', 'exact_ratio=true']` → `{'burn_in': 0, 'exact_ratio': True}`."""
-    options = {}
-    for item in items:
-        key, separator, text = item.partition("=")
-        if not separator or not key:
-            fail(f"--options: {item!r} is not key=value.")
-        lowered = text.strip().lower()
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        else:
-            try:
-                value = int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = text
-        options[key.strip()] = value
-    return options
-
-
 def parse_variant(entry: str) -> tuple[str, dict]:
-    """`'emc2/exact_ratio=true/out_of_batch=drop'` → `('emc2', {...})`."""
-    method, *items = entry.split("/")
-    return method.strip(), parse_options(items)
+    """`'emc2/exact_ratio=true/out_of_batch=drop'` → `('emc2', {...})`, or a one-line error."""
+    try:
+        return common.split_variant(entry)
+    except ValueError as error:
+        fail(f"--methods: {error} (in {entry!r}).")
 
 
 def summarize(runs: list[dict], methods: list[str], batch_sizes: list[int], key: str):
@@ -299,7 +279,10 @@ def main(argv):
         fail(f"--train_size={FLAGS.train_size}: {error}")
     if max(batch_sizes) > data.num_train:
         fail(f"--batch_sizes: {max(batch_sizes)} exceeds the {data.num_train} training images.")
-    options = parse_options(FLAGS.options)
+    try:
+        options = common.parse_options(FLAGS.options)
+    except ValueError as error:
+        fail(f"--options: {error}.")
     method_options = {}  # variant label → (method, its options)
     for method, own in variants:
         accepted = emc2_tf.models.method_options(method)
