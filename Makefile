@@ -21,7 +21,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers.train --method=emc2 --dataset=digits --overwrite
 
-# pytest runs the test files on one worker process per core (pytest-xdist),
+# pytest runs the tests on one worker process per core (pytest-xdist), the
 # tests handed out in chunks and stolen by an idle worker, so no file runs alone at the end.
 PYTEST := $(PY) -m pytest -q -rs -n auto --dist worksteal
 

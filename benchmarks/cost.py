@@ -24,7 +24,7 @@ without `exact_ratio`) runs without one.
    peak resident memory (`ru_maxrss`) and the rise over its memory before
    the first step.
 2. **Scan and compilation** (`--scan_modes` × `--jit`): EMC² (default
-   options) with `scan=sequential|parallel`, as a TensorFlow graph or under
+   options) with `scan=sequential|parallel|blocked`, as a TensorFlow graph or under
    XLA (`compile(jit_compile=True)`), ratio to SimCLR in the same mode. A
    parallel scan over more than `PARALLEL_SCAN_MAX_ELEMENTS` comparisons
    (B ≥ 256) is skipped (noted in the table).
@@ -79,7 +79,7 @@ flags.DEFINE_list("resnet_methods", ["simclr", "emc2", PAPER_EMC2],
                   "Methods or variants of the ResNet-18 rows (must include simclr).")
 flags.DEFINE_list("resnet_batch_sizes", ["8", "32"], "Batch sizes of the ResNet-18 rows.")
 flags.DEFINE_integer("resnet_rounds", 3, "Timed rounds of one step each for ResNet-18.")
-flags.DEFINE_list("scan_modes", ["sequential", "parallel"],
+flags.DEFINE_list("scan_modes", ["sequential", "parallel", "blocked"],
                   "EMC² scan= values of table 2 (empty: no table 2).")
 flags.DEFINE_list("jit", list(JIT_MODES), "Compilation modes of table 2: graph, xla.")
 flags.DEFINE_list("breakdown_batch_sizes", ["8", "32", "128", "512"],

@@ -16,6 +16,7 @@ Serving contract: signature `serving_default` takes `images`, float32
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -78,6 +79,36 @@ def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
     return archive
 
 
+@contextlib.contextmanager
+def _staged_saved_model(archive: keras.export.ExportArchive, parent: str, published: str):
+    """Writes `archive` (see `_archive`) into a fresh hidden folder in `parent` and
+    yields its path, for the caller to rename into place; whatever is left of
+    it afterwards (a failed write, a failed rename) is removed.
+
+    A failed write (a full disk) raises a one-line `OSError` that ends with
+    `published`, what the reader still sees.
+    """
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
+    try:
+        try:
+            archive.write_out(staging, verbose=False)
+        except (OSError, tf.errors.OpError) as error:  # e.g. a full disk: one line
+            raise _write_error(error, parent, published) from None
+        yield staging
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_error(error: Exception, where: str, published: str) -> OSError:
+    """A one-line `OSError` for a failed SavedModel write."""
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else (str(getattr(error, "message", error)).strip().splitlines() or ["?"])[0])
+    message = f"cannot write the SavedModel for {where}: {reason}; {published}."
+    code = getattr(error, "errno", None)
+    return OSError(code, message) if code else OSError(message)
+
+
 def write_saved_model(encoder: keras.Model, path: str) -> str:
     """Writes `encoder` as a SavedModel at `path` (which must not exist), atomically.
 
@@ -85,31 +116,15 @@ def write_saved_model(encoder: keras.Model, path: str) -> str:
     into place, so `path` is either absent or complete. `ContrastiveModel.export`
     uses it; `export_encoder` adds the versioned TF Serving layout.
     """
-    archive = _archive(encoder)
+    archive = _archive(encoder)  # refuses non-finite weights before anything is written
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise ValueError(f"export path {path} already exists; choose a new folder.")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
-    try:
-        archive.write_out(staging, verbose=False)
+    with _staged_saved_model(archive, parent, f"nothing was written at {path}") as staging:
         os.rename(staging, path)
-        return path
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_error(error: Exception, model_dir: str) -> OSError:
-    """A one-line `OSError` for a failed SavedModel write (the staging folder is removed)."""
-    reason = (error.strerror if isinstance(error, OSError) and error.strerror
-              else (str(getattr(error, "message", error)).strip().splitlines() or ["?"])[0])
-    versions = existing_versions(model_dir)
-    message = (f"cannot write the SavedModel for {model_dir}: {reason}; nothing was "
-               f"published (the highest version stays {versions[-1] if versions else 'none'}).")
-    code = getattr(error, "errno", None)
-    return OSError(code, message) if code else OSError(message)
+    return path
 
 
 def export_encoder(
@@ -118,17 +133,14 @@ def export_encoder(
     """Writes `encoder` as the next version of `model_name`; returns its path."""
     if not model_name or os.sep in model_name or model_name.startswith("."):
         raise ValueError(f"model_name must be a plain folder name; got {model_name!r}.")
-    archive = _archive(encoder)
+    archive = _archive(encoder)  # refuses non-finite weights before anything is written
     model_dir = os.path.join(export_dir, model_name)
     os.makedirs(model_dir, exist_ok=True)
-
     _remove_stale_staging(model_dir)
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir)
-    try:
-        try:
-            archive.write_out(staging, verbose=False)
-        except (OSError, tf.errors.OpError) as error:  # e.g. a full disk: one line
-            raise _write_error(error, model_dir) from None
+    versions = existing_versions(model_dir)
+    published = (f"nothing was published (the highest version stays "
+                 f"{versions[-1] if versions else 'none'})")
+    with _staged_saved_model(archive, model_dir, published) as staging:
         while True:
             versions = existing_versions(model_dir)
             target = os.path.join(model_dir, str(versions[-1] + 1 if versions else 1))
@@ -139,6 +151,3 @@ def export_encoder(
                 if not os.path.exists(target):
                     raise
                 # Another exporter took that version number: try the next one.
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)

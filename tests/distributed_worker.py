@@ -28,6 +28,8 @@ def parse_args(argv):
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--worker_timeout", type=float, default=60.0)
     parser.add_argument("--scan", default="auto", help="emc2: EMC2Model(scan=...)")
+    parser.add_argument("--scan_block_size", type=int, default=0,
+                        help="emc2: candidates per block of scan=blocked (0: the library's)")
     parser.add_argument("--fixed_draws", action="store_true",
                         help="emc2: MH uniforms from one fixed [steps, 2, 2B, B] table, each "
                              "replica taking its own chains' columns, so runs with any replica "
@@ -71,6 +73,10 @@ def local_values(variable):
 def main(argv):
     args = parse_args(argv)
     import emc2_tf
+    from emc2_tf.samplers import metropolis_hastings
+
+    if args.scan_block_size:
+        metropolis_hastings.SCAN_BLOCK_SIZE = args.scan_block_size
 
     if args.strategy == "mirrored":
         emc2_tf.split_cpu(args.cpu_devices)

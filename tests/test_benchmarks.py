@@ -92,18 +92,21 @@ def test_quality_rejects_bad_flags():
 
 def test_scan_benchmark_times_every_variant(tmp_path):
     """Bugs caught: a variant left out of the table, the depth column not the
-    documented 2·2B (sequential) and 2·(2⌈log₂(2B + 2)⌉ − 1) (parallel)."""
+    documented 2·2B (sequential), 2·(2⌈log₂(2B + 2)⌉ − 1) (parallel) and
+    2⌈2B/k⌉·(2⌈log₂(k + 2)⌉ − 1) (blocked), the block size not applied."""
     result = run_python(["-m", "benchmarks.scan", "--batch_sizes=4,16", "--seconds=0.05",
-                         "--rounds=1", f"--results_dir={tmp_path}"])
+                         "--rounds=1", "--block_sizes=4", f"--results_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "scan.json").read_text())["results"]
     assert {(r["batch_size"], r["scan"], r["xla"]) for r in results} == {
-        (b, s, x) for b in (4, 16) for s in ("sequential", "parallel") for x in (False, True)}
+        (b, s, x) for b in (4, 16) for s in ("sequential", "parallel", "blocked")
+        for x in (False, True)}
     depths = {(r["batch_size"], r["scan"]): r["depth"] for r in results}
-    assert depths == {(4, "sequential"): 16, (4, "parallel"): 14,
-                      (16, "sequential"): 64, (16, "parallel"): 22}
+    assert depths == {(4, "sequential"): 16, (4, "parallel"): 14, (4, "blocked"): 2 * 2 * 5,
+                      (16, "sequential"): 64, (16, "parallel"): 22, (16, "blocked"): 2 * 8 * 5}
+    assert {r["comparisons"] for r in results if r["scan"] == "blocked"} == {4 * 5 * 4, 16 * 5 * 4}
     assert all(r["milliseconds"] > 0 for r in results)
-    assert "| 16 |" in result.stdout
+    assert "| 16 | blocked k=4 |" in result.stdout
 
 
 def test_cost_tables_ratios_breakdown_and_scaling(tmp_path):

@@ -72,25 +72,29 @@ def test_two_replicas_match_one_replica(tmp_path, method, extra):
     assert np.isfinite(one["loss"]) and float(one["loss"]) == pytest.approx(float(two["loss"]), abs=1e-5)
 
 
-def test_parallel_scan_equals_sequential_scan_under_mirrored(tmp_path):
-    """Two mirrored replicas, the same fixed MH draws: `scan="parallel"` ends with
-    the same chains, scores and weights as `scan="sequential"`.
+def test_parallel_and_blocked_scans_equal_sequential_scan_under_mirrored(tmp_path):
+    """Two mirrored replicas, the same fixed MH draws: `scan="parallel"` and
+    `scan="blocked"` (blocks of 5 of the 32 candidates, the last one padded) end
+    with the same chains, scores and weights as `scan="sequential"`.
 
-    Catches: a parallel scan that differs from the sequential one only where a
-    replica's chains scan the global batch (b = B/2 chains over 2B candidates).
+    Catches: a parallel or blocked scan that differs from the sequential one
+    only where a replica's chains scan the global batch (b = B/2 chains over 2B
+    candidates).
     """
     runs = {scan: _train(tmp_path, scan, "--strategy=mirrored", "--method=emc2",
-                         "--fixed_draws", f"--scan={scan}")
-            for scan in ("sequential", "parallel")}
-    sequential, parallel = runs["sequential"], runs["parallel"]
-    np.testing.assert_array_equal(_state(parallel, "chain_index"), _state(sequential, "chain_index"))
-    np.testing.assert_array_equal(_state(parallel, "chain_log_score"),
-                                  _state(sequential, "chain_log_score"))
-    assert (_state(parallel, "chain_index") >= 0).sum() > 0
-    for key in sequential:
-        if sequential[key].dtype.kind == "f" and not key.endswith(".copies"):
-            np.testing.assert_allclose(parallel[key], sequential[key], rtol=1e-6, atol=1e-7,
-                                       err_msg=key)
+                         "--fixed_draws", f"--scan={scan}", "--scan_block_size=5")
+            for scan in ("sequential", "parallel", "blocked")}
+    sequential = runs["sequential"]
+    assert (_state(sequential, "chain_index") >= 0).sum() > 0
+    for scan in ("parallel", "blocked"):
+        np.testing.assert_array_equal(_state(runs[scan], "chain_index"),
+                                      _state(sequential, "chain_index"), err_msg=scan)
+        np.testing.assert_array_equal(_state(runs[scan], "chain_log_score"),
+                                      _state(sequential, "chain_log_score"), err_msg=scan)
+        for key in sequential:
+            if sequential[key].dtype.kind == "f" and not key.endswith(".copies"):
+                np.testing.assert_allclose(runs[scan][key], sequential[key], rtol=1e-6,
+                                           atol=1e-7, err_msg=f"{scan}: {key}")
 
 
 def test_emc2_chain_tables_identical_across_replicas_and_valid(tmp_path):

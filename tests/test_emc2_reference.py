@@ -38,12 +38,25 @@ def _scan_inputs(seed, batch_index, view_logits_differ=True):
 INITIAL = np.array([-np.inf, 1e3, 0.5, -1.0, 2.0, 0.0], np.float32)
 
 
+#: The scans compared with the reference; "blocked" runs with blocks of 5.
+SCANS = ["sequential", "parallel", "blocked"]
+
+
+@pytest.fixture(autouse=True)
+def small_scan_blocks(monkeypatch):
+    """Blocks of 5 candidates, so the blocked scan of these small batches crosses
+    several blocks and pads the last one."""
+    from emc2_tf.samplers import metropolis_hastings
+
+    monkeypatch.setattr(metropolis_hastings, "SCAN_BLOCK_SIZE", 5)
+
+
 @pytest.mark.parametrize("batch_index", [[0, 1, 2, 3, 4, 5], [0, 1, 2, 1, 4, 5]],
                          ids=["distinct", "repeated-image"])
 @pytest.mark.parametrize("burn_in", [5, 0, 3, 9])
 @pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("view_logits_differ", [True, False])
-@pytest.mark.parametrize("scan", ["sequential", "parallel"])
+@pytest.mark.parametrize("scan", SCANS)
 def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, refresh,
                                                         view_logits_differ, scan):
     """`mh_scan` = the one-chain-at-a-time loop: states, states before each step,
@@ -55,7 +68,10 @@ def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, re
     stale score carried wrongly between passes, self/positive proposed,
     waste-recycling probabilities from the score after the step; in the
     parallel (pointer-doubling) scan: a wrong first-acceptance pointer, too
-    few doubling rounds, an off-by-one in "last visited node ≤ k".
+    few doubling rounds, an off-by-one in "last visited node ≤ k"; in the
+    blocked scan (blocks of 5 of 12 candidates, the last padded): a block
+    not starting from the previous block's last state and score, states
+    without their block's offset.
     """
     index = np.array(batch_index, np.int32)
     logits, log_u = _scan_inputs(len(batch_index) + burn_in, index, view_logits_differ)
@@ -79,7 +95,7 @@ def test_scan_equals_sequential_reference_draw_for_draw(batch_index, burn_in, re
         assert not want.accepted[:, 1].any() and (want.states[:, 1] == ref.OUT_OF_BATCH).all()
 
 
-@pytest.mark.parametrize("scan", ["sequential", "parallel"])
+@pytest.mark.parametrize("scan", SCANS)
 def test_scan_follows_a_chain_that_accepts_every_candidate(scan):
     """Rising logits and log U = −50: chain 0 accepts every valid candidate of both
     passes, the longest path a pass can take (2B − 2 = 22 hops at B = 12: one
@@ -121,7 +137,8 @@ def test_auto_scan_picks_by_device_and_size(monkeypatch):
                         lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     assert [picked(b) for b in (64, 128, 256)] == ["_parallel_pass", "_parallel_pass",
                                                    "_sequential_pass"]
-    with pytest.raises(ValueError, match="scan must be one of auto, sequential, parallel"):
+    with pytest.raises(ValueError,
+                       match="scan must be one of auto, sequential, parallel, blocked"):
         mh._pass_function("fast", tf.TensorSpec([2, 4], tf.bool))
 
 
@@ -219,7 +236,7 @@ def _numeric_gradient(fixture, scan, options, h=1e-6):
 
 OPTIONS = [
     dict(out_of_batch=mode, exact_ratio=exact, burn_in=burn_in, waste_recycling=recycle,
-         scan="parallel" if recycle else "sequential")
+         scan=SCANS[(2 * exact + recycle) % 3] if burn_in is None else "sequential")
     for mode in ("reencode", "drop") for exact in (False, True)
     for burn_in in (None, 1) for recycle in (False, True)
 ]
@@ -330,10 +347,11 @@ def test_drop_equals_the_official_main_mcmc_estimator():
 
 
 @pytest.mark.parametrize("options", [
-    dict(scan="sequential"), dict(scan="parallel"),
+    dict(scan="sequential"), dict(scan="parallel"), dict(scan="blocked"),
     dict(exact_ratio=True, waste_recycling=True, scan="parallel"),
     dict(out_of_batch="drop", burn_in=1, scan="sequential")],
-    ids=["sequential", "parallel", "parallel-exact-recycling", "sequential-drop-burn1"])
+    ids=["sequential", "parallel", "blocked", "parallel-exact-recycling",
+         "sequential-drop-burn1"])
 def test_xla_equals_eager_on_the_same_draws(fixture, options):
     """The step compiled with XLA (`jit_compile=True`) = eager, on the same MH draws:
     loss, gradients, written-back chains and scalars.

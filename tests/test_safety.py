@@ -425,6 +425,13 @@ def test_full_disk_while_exporting_leaves_no_staging_folder(tmp_path, monkeypatc
     assert "\n" not in message and error.value.errno == errno.ENOSPC
     assert "No space left on device" in message and "highest version stays 1" in message
     assert os.listdir(tmp_path / "m") == ["1"]
+    # `model.export(path)` (Keras' API, one unversioned folder) writes the same way.
+    model = emc2_tf.build_model("simclr", encoder=encoder, dataset_size=16)
+    with pytest.raises(OSError) as error:
+        model.export(str(tmp_path / "plain"))
+    message = str(error.value)
+    assert "\n" not in message and error.value.errno == errno.ENOSPC
+    assert "nothing was written at" in message and os.listdir(tmp_path) == ["m"]
 
 
 def test_full_disk_while_writing_flags_txt_leaves_no_staging_file(tmp_path, monkeypatch):

@@ -88,11 +88,13 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "emc2 only: each recorded MH step adds α·f(candidate) + (1 − α)·f(current) "
                       "instead of f(next state): same expectation, lower variance (default on; "
                       "--nowaste_recycling for the paper's average).", **fv)
-    flags.DEFINE_enum("scan", "auto", ["auto", "sequential", "parallel"],
+    flags.DEFINE_enum("scan", "auto", ["auto", "sequential", "parallel", "blocked"],
                       "emc2 only: how the MH scan runs (identical results): sequential = 2B "
                       "dependent steps per pass; parallel = pointer doubling, O(log B) rounds, "
-                      "O(B^3) work; auto = parallel while B(2B+1)2B ≤ 2^26 on a GPU, ≤ 2^18 "
-                      "(B ≤ 40) on a CPU, else sequential (measured: benchmarks/scan.py).",
+                      "O(B^3) work; blocked = blocks of 16 candidates in order, each by pointer "
+                      "doubling, O(B·16²) memory; auto = parallel while B(2B+1)2B ≤ 2^26 on a "
+                      "GPU, ≤ 2^18 (B ≤ 40) on a CPU, else sequential (measured: "
+                      "benchmarks/scan.py).",
                       **fv)
     flags.DEFINE_float("gamma", 0.9,
                        "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).", **fv)

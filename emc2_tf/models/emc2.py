@@ -200,9 +200,12 @@ class EMC2Model(ContrastiveModel):
             variance, at no extra compute (beyond the paper; default on).
         scan: how the MH scan runs, with identical results draw for draw:
             "sequential" (2B dependent steps per pass), "parallel" (pointer
-            doubling: O(log B) rounds, O(B³) work and O(B·(2B)²) memory), or
-            "auto" (parallel on a GPU within a memory bound, and on a CPU up
-            to B ≈ 32, where it measured faster; sequential beyond).
+            doubling: O(log B) rounds, O(B³) work and O(B·(2B)²) memory),
+            "blocked" (blocks of `SCAN_BLOCK_SIZE` = 16 candidates in order,
+            each by pointer doubling: B/8 blocks of 9 rounds per pass, O(B²)
+            work, O(B·16²) memory: the parallel scan chunked), or "auto"
+            (parallel on a GPU within a memory bound, and on a CPU up to
+            B ≈ 32, where it measured faster; sequential beyond).
         seed: seed of the MH uniforms.
         max_image_table_bytes: refuse an image table larger than this.
 

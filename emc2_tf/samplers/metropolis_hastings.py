@@ -141,9 +141,10 @@ def mh_scan(
             is still on its out-of-batch state).
         out_of_batch_logits: float `[2, B]`, `β s(anchor_p, z_state)` for the
             chain's out-of-batch state, required by the refresh.
-        scan: "sequential", "parallel" or "auto" (`SCAN_IMPLEMENTATIONS`):
-            the same result draw for draw, computed in 2B dependent steps per
-            pass or in O(log B) rounds.
+        scan: "sequential", "parallel", "blocked" or "auto"
+            (`SCAN_IMPLEMENTATIONS`): the same result draw for draw, computed
+            in 2B dependent steps per pass, in O(log B) rounds, or in 2B/k
+            blocks of O(log k) rounds.
 
     Returns:
         An `MHScanResult`.
@@ -200,10 +201,18 @@ def mh_scan(
 
 #: Scan implementations: "sequential" (`tf.scan`, 2B dependent steps per
 #: pass), "parallel" (pointer doubling, 2⌈log₂(2B + 2)⌉ dependent rounds per
-#: pass, O(B·(2B)²) memory and work), "auto" (parallel while that size stays
-#: under `PARALLEL_SCAN_MAX_ELEMENTS` on a GPU, `PARALLEL_SCAN_CPU_MAX_ELEMENTS`
-#: on a CPU, else sequential).
-SCAN_IMPLEMENTATIONS = ("auto", "sequential", "parallel")
+#: pass, O(B·(2B)²) memory and work), "blocked" (blocks of
+#: `SCAN_BLOCK_SIZE` candidates in order, each by pointer doubling: O(B·2B·k)
+#: work and O(B·k²) memory; the parallel scan chunked, for where its memory
+#: does not fit), "auto" (parallel while that size stays under
+#: `PARALLEL_SCAN_MAX_ELEMENTS` on a GPU, `PARALLEL_SCAN_CPU_MAX_ELEMENTS` on
+#: a CPU, else sequential: on a 2-core CPU the blocked scan measured as slow
+#: as the sequential one at B = 128 and 2× slower at B = 512).
+SCAN_IMPLEMENTATIONS = ("auto", "sequential", "parallel", "blocked")
+
+#: Candidates per block of the blocked scan (the fastest of 8, 16, 32 at
+#: B = 128 and 512 on a 2-core CPU, as a graph and under XLA: benchmarks/scan.py).
+SCAN_BLOCK_SIZE = 16
 
 #: Largest `b · (2B + 1) · 2B` comparison the parallel scan builds in "auto"
 #: mode (int32 and bool temporaries of that size: ≈ 5 bytes each).
@@ -226,12 +235,13 @@ def _pass_function(scan: str, valid: tf.Tensor):
         # kernel launch, so the parallel scan runs wherever its memory fits.
         chains, candidates = valid.shape
         if chains is None or candidates is None:
-            return _sequential_pass
+            return _sequential_pass  # the only one without a static 2B
         on_gpu = bool(tf.config.list_logical_devices("GPU"))
         limit = PARALLEL_SCAN_MAX_ELEMENTS if on_gpu else PARALLEL_SCAN_CPU_MAX_ELEMENTS
         elements = chains * (candidates + 1) * candidates
         scan = "parallel" if elements <= limit else "sequential"
-    return _parallel_pass if scan == "parallel" else _sequential_pass
+    return {"sequential": _sequential_pass, "parallel": _parallel_pass,
+            "blocked": _blocked_pass}[scan]
 
 
 def _doubling_levels(num_candidates: int) -> int:
@@ -240,12 +250,17 @@ def _doubling_levels(num_candidates: int) -> int:
     return max(1, math.ceil(math.log2(num_candidates + 2)))
 
 
-def scan_depth(scan: str, num_candidates: int) -> int:
+def scan_depth(scan: str, num_candidates: int, block_size: int | None = None) -> int:
     """Dependent steps of one EMC² step's two passes over K = 2B candidates:
     `2K` for the sequential scan; `2(2L − 1)` gathers for the parallel one
-    (L − 1 doublings, then L lifting rounds, per pass)."""
+    (L − 1 doublings, then L lifting rounds, per pass); `2⌈K/k⌉(2L_k − 1)`
+    for the blocked one (blocks of k, one after the other)."""
     if scan == "sequential":
         return 2 * num_candidates
+    if scan == "blocked":
+        block_size = min(block_size or SCAN_BLOCK_SIZE, num_candidates)
+        blocks = -(-num_candidates // block_size)
+        return 2 * blocks * (2 * _doubling_levels(block_size) - 1)
     return 2 * (2 * _doubling_levels(num_candidates) - 1)
 
 
@@ -280,7 +295,7 @@ def _sequential_pass(logits, valid, log_uniforms, state, log_score):
     return tuple(tf.transpose(x) for x in (states, log_scores, accepted, probability, previous))
 
 
-def _parallel_pass(logits, valid, log_uniforms, state, log_score):
+def _parallel_pass(logits, valid, log_uniforms, state, log_score, offset=0):
     """The same pass as `_sequential_pass`, draw for draw, in O(log K) dependent rounds.
 
     Once a chain accepts candidate j, the rest of the pass depends only on j
@@ -298,6 +313,8 @@ def _parallel_pass(logits, valid, log_uniforms, state, log_score):
 
     The comparisons are the same float operations as the sequential scan's,
     so the accept decisions are identical, not just equal in distribution.
+    `offset` is the position of the first of these candidates in the batch
+    (the blocked scan runs this on one block at a time).
     """
     num_candidates = valid.shape[1]
     if num_candidates is None:
@@ -328,7 +345,7 @@ def _parallel_pass(logits, valid, log_uniforms, state, log_score):
         ahead = tf.gather(jump, at, batch_dims=1)
         at = tf.where(ahead <= limit, ahead, at)
 
-    states = tf.where(at > 0, at - 1, state[:, None])
+    states = tf.where(at > 0, at - 1 + offset, state[:, None])
     log_scores = tf.gather(node_scores, at, batch_dims=1)
     accepted = tf.equal(at, limit)
     previous_nodes = tf.concat([tf.zeros_like(at[:, :1]), at[:, :-1]], axis=1)
@@ -338,6 +355,44 @@ def _parallel_pass(logits, valid, log_uniforms, state, log_score):
         tf.zeros_like(logits))
     previous = tf.concat([state[:, None], states[:, :-1]], axis=1)
     return states, log_scores, accepted, probability, previous
+
+
+def _blocked_pass(logits, valid, log_uniforms, state, log_score, block_size=None):
+    """The same pass as `_sequential_pass`, draw for draw: the candidates in
+    blocks of `block_size`, one block after the other (`tf.scan`), each block
+    by `_parallel_pass` from the state the previous block ended on.
+
+    ⌈K/k⌉ dependent blocks of 2⌈log₂(k + 2)⌉ − 1 rounds each, O(b·K·k) work
+    and O(b·k²) memory per block: the sequential scan's loop overhead cut by
+    about k, without the parallel scan's O(b·K²) at large B.
+    """
+    num_candidates = valid.shape[1]
+    if num_candidates is None:
+        raise ValueError("scan='blocked' needs a static number of candidates 2B (batch the "
+                         "dataset with drop_remainder=True); use scan='sequential'.")
+    block_size = min(block_size or SCAN_BLOCK_SIZE, num_candidates)
+    blocks = -(-num_candidates // block_size)
+    padding = blocks * block_size - num_candidates  # invalid candidates: never accepted
+
+    def to_blocks(x):  # [b, K] → [blocks, b, k]
+        x = tf.pad(x, [[0, 0], [0, padding]])
+        return tf.transpose(tf.reshape(x, [-1, blocks, block_size]), [1, 0, 2])
+
+    def block_pass(previous_block, elem):
+        block_logits, block_valid, block_log_u, offset = elem
+        return _parallel_pass(block_logits, block_valid, block_log_u,
+                              previous_block[0][:, -1], previous_block[1][:, -1], offset)
+
+    def tiled(x):
+        return tf.tile(x[:, None], [1, block_size])
+
+    before = (tiled(state), tiled(log_score), tf.zeros_like(to_blocks(valid)[0]),
+              tf.zeros_like(to_blocks(logits)[0]), tiled(state))
+    offsets = tf.range(blocks, dtype=tf.int32) * block_size
+    elems = (to_blocks(logits), to_blocks(valid), to_blocks(log_uniforms), offsets)
+    results = tf.scan(block_pass, elems, initializer=before)  # each [blocks, b, k]
+    return tuple(tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, blocks * block_size])
+                 [:, :num_candidates] for x in results)
 
 
 def emc2_negative_term(
