@@ -21,7 +21,7 @@ without `exact_ratio`) runs without one.
    `--resnet_rounds` blocks of one step). Memory per row: on a GPU the
    allocator's peak (`tf.config.experimental.get_memory_info`); on a CPU
    with `--memory` each small-CNN row runs again in its own process for its
-   peak resident memory (`ru_maxrss`) and the rise over its memory before
+   peak resident memory (`VmHWM`) and the rise over its memory before
    the first step.
 2. **Scan and compilation** (`--scan_modes` × `--jit`): EMC² (default
    options) with `scan=sequential|parallel` (or blocked), as a TensorFlow graph or under
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -555,34 +554,41 @@ def image_table_dtype(model) -> str | None:
 
 
 def memory_probe(spec: str) -> None:
-    """Subprocess body: one small-CNN (variant, B) on digits; prints its memory as JSON."""
+    """Subprocess body: one small-CNN (variant, B) on digits; prints its memory as JSON.
+
+    The peak is the process's `VmHWM` (high-water resident set of its own
+    address space), not `ru_maxrss`: on Linux a child's `ru_maxrss` starts
+    from its parent's resident set at `fork` and survives `exec`, so every
+    probe would read the parent's peak (measured: 2,867 MiB for every row).
+    """
     import emc2_tf
 
     label, batch_size = spec.rsplit(",", 1)
     stepper = Stepper(parse_variant(label), emc2_tf.load_digits(), int(batch_size))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    current = _current_rss_kib()
+    before = _status_kib("VmRSS")
     stepper.run(FLAGS.block * 2)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print("memory: " + json.dumps({"peak_rss_mib": peak / 1024,
-                                   "rise_mib": (peak - min(before, current)) / 1024}))
+                                   "rise_mib": (peak - before) / 1024}))
 
 
-def _current_rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A `/proc/self/status` memory field (`VmRSS`, `VmHWM`) in KiB."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field} (not Linux?)")
 
 
-def cpu_memory(label: str, batch_size: int) -> dict:
+def cpu_memory(label: str, batch_size: int, block: int) -> dict:
+    """Peak and rise of resident memory of one (variant, B), in a process of its own."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.cost", f"--memory_probe={label},{batch_size}",
-         f"--block={FLAGS.block}"],
+         f"--block={block}"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600)
     for line in result.stdout.splitlines():
         if line.startswith("memory: "):
@@ -593,7 +599,7 @@ def cpu_memory(label: str, batch_size: int) -> dict:
 def add_cpu_memory(payload: dict) -> None:
     for row in payload["per_method"]:
         if row["encoder"] == "small_cnn":
-            row.update(cpu_memory(row["variant"], row["batch_size"]))
+            row.update(cpu_memory(row["variant"], row["batch_size"], FLAGS.block))
     print("memory measured", flush=True)
     common.write_json(FLAGS.name, payload, FLAGS.results_dir)
 

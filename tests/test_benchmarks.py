@@ -190,6 +190,22 @@ def test_cost_tables_ratios_breakdown_and_scaling(tmp_path):
     assert payload["machine"]["device"] in result.stdout
 
 
+def test_cost_cpu_memory_probe_reads_its_own_peak_not_the_parents():
+    """Bug caught: the per-row CPU memory read `ru_maxrss`, which on Linux a child
+    inherits from its parent's resident set at fork: every row of the full run
+    read the benchmark process's 2,867 MiB. Here the parent holds 1.5 GiB more
+    than any probe needs; the probe of one small SimCLR step must not see it."""
+    from benchmarks import cost
+
+    ballast = np.ones(1536 * 2**20 // 8)  # 1.5 GiB, touched: resident in this process
+    with open("/proc/self/status") as handle:
+        parent = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    memory = cost.cpu_memory("simclr", 8, block=1)
+    assert ballast[-1] == 1.0
+    assert 100 < memory["peak_rss_mib"] < parent / 1024 - 1000, (memory, parent / 1024)
+    assert 0 <= memory["rise_mib"] < memory["peak_rss_mib"], memory
+
+
 def test_cost_rejects_bad_flags():
     for flags, message in (
             (["--methods=emc2"], "--methods must include simclr"),
