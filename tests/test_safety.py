@@ -255,9 +255,10 @@ def test_cli_stops_a_diverging_run_in_one_line_and_saves_nothing_non_finite(tmp_
     assert not (tmp_path / "sm").exists()
 
 
-def test_cli_export_refuses_a_non_finite_checkpoint(tmp_path):
-    """Bug caught: `trainers.export` of a checkpoint holding NaN weights (as written
-    before this fix) exited 0 and published a version serving NaN embeddings."""
+def test_cli_export_and_evaluate_refuse_a_non_finite_checkpoint(tmp_path):
+    """Bugs caught: `trainers.export` of a checkpoint holding NaN weights (as written
+    before this fix) exited 0 and published a version serving NaN embeddings;
+    `trainers.evaluate` of it printed accuracies of NaN embeddings."""
     from absl import flags
 
     from trainers.common import build_run
@@ -282,6 +283,11 @@ def test_cli_export_refuses_a_non_finite_checkpoint(tmp_path):
     _one_line_error(result, "export: error: checkpoint ", "ckpt-9 holds non-finite weights",
                     "conv2d/kernel", "Nothing was written")
     assert _files(tmp_path / "sm") == []
+    result = run_python(["-m", "trainers.evaluate", f"--checkpoint_dir={directory}",
+                         f"--output_json={tmp_path / 'eval.json'}"])
+    _one_line_error(result, "evaluate: error: checkpoint ", "ckpt-9 holds non-finite weights",
+                    "conv2d/kernel")
+    assert not (tmp_path / "eval.json").exists()
 
 
 _NAN_DIGITS = r"""

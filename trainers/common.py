@@ -217,8 +217,10 @@ def load_trained_run(program: str, directory: str, checkpoint: str | None):
 
 
 def restore_trained(program: str, run: Run, directory: str, checkpoint: str | None) -> str:
-    """Restores a run's checkpoint (the latest, or `checkpoint`) into `run.model`; returns its path."""
+    """Restores a run's checkpoint (the latest, or `checkpoint`) into `run.model`; returns its
+    path. A checkpoint whose encoder holds NaN or inf is refused in one line."""
     import emc2_tf
+    from emc2_tf.safety import check_finite_variables
 
     saver = emc2_tf.TrainingCheckpoint(
         directory, run.model, steps_per_epoch=1, handle_signals=False)
@@ -229,4 +231,12 @@ def restore_trained(program: str, run: Run, directory: str, checkpoint: str | No
     if path is None:
         fail(program, f"--checkpoint_dir={directory} holds no checkpoint yet (train writes one "
                       "at each epoch end).")
+    try:  # issue 13: never evaluate or serve NaN or inf weights
+        check_finite_variables(run.encoder.weights, "refusing the encoder")
+    except emc2_tf.NonFiniteError as error:
+        others = [os.path.basename(p) for p in emc2_tf.list_checkpoints(directory) if p != path]
+        hint = (f" Earlier checkpoints: {', '.join(others)} (choose one with --checkpoint=)."
+                if others else "")
+        fail(program, f"checkpoint {path} holds non-finite weights: {error} Nothing was "
+                      f"written.{hint}")
     return path

@@ -49,14 +49,8 @@ def main(argv):
     check_output_dirs(PROGRAM, [("export_dir", FLAGS.export_dir, FLAGS.export_dir)])
     run_flags, run, path = load_trained_run(PROGRAM, FLAGS.checkpoint_dir, FLAGS.checkpoint)
     name = FLAGS.model_name or model_name(run_flags)
-    try:
+    try:  # load_trained_run has refused non-finite weights
         export_path = emc2_tf.export_encoder(run.encoder, FLAGS.export_dir, name)
-    except emc2_tf.NonFiniteError as error:  # issue 13: never serve NaN or inf weights
-        others = [os.path.basename(p) for p in emc2_tf.list_checkpoints(FLAGS.checkpoint_dir)
-                  if p != path]
-        hint = (f" Earlier checkpoints: {', '.join(others)} (export one with --checkpoint=)."
-                if others else "")
-        fail(f"checkpoint {path} holds non-finite weights: {error} Nothing was written.{hint}")
     except (OSError, ValueError) as error:
         fail(f"--export_dir={FLAGS.export_dir}: {error}")
     print(f"exported encoder: {export_path}")
