@@ -166,11 +166,22 @@ def test_run_folder_guards_and_flagfile_repeat_the_run(reference, tmp_path):
                          "--eval_every=0"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert parse_summary(result.stdout)["state_digest"] == expected["state_digest"]
-    # --overwrite starts afresh in the same folder (and ends the same).
-    result = _train(tmp_path, "--overwrite")
+    # --overwrite starts afresh in the same folder (and ends the same), and
+    # replaces the earlier run's TensorBoard logs (a copy of the reference's):
+    # kept, TensorBoard would draw both runs' curves as one, each step twice.
+    import shutil
+
+    import emc2_tf
+
+    shutil.copytree(ref_dir / "tb", tmp_path / "tb")
+    result = run_python([*TRAIN, f"--checkpoint_dir={tmp_path / 'ck'}", "--overwrite",
+                         f"--tensorboard_dir={tmp_path / 'tb'}", "--model_name=ref"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert summary["resumed_from"] is None and summary["state_digest"] == expected["state_digest"]
+    scalars = emc2_tf.read_scalars(str(tmp_path / "tb" / "ref"))
+    assert [step for step, _ in scalars["train/loss"]] == [STEPS, 2 * STEPS, 3 * STEPS]
+    assert "step/loss" not in scalars  # the reference's --log_every_steps=11 logs are gone
 
 
 def test_tensorboard_scalars(reference):

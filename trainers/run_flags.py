@@ -143,9 +143,9 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "instead of the latest; implies --resume.", **fv)
     flags.DEFINE_bool("overwrite", False,
                       "Start afresh even if --checkpoint_dir holds checkpoints of an earlier "
-                      "run (they are deleted) or --model_name is an earlier run's (its "
-                      "TensorBoard folder and exports are kept; this run exports the next "
-                      "version).", **fv)
+                      "run or --model_name is an earlier run's: its checkpoints and its "
+                      "TensorBoard folder <tensorboard_dir>/<model_name> are deleted; its "
+                      "exports are kept (this run exports the next version).", **fv)
     flags.DEFINE_string("tensorboard_dir", "runs",
                         "TensorBoard logs go to <tensorboard_dir>/<model_name>; empty = off.", **fv)
     flags.DEFINE_integer("log_every_steps", 0,

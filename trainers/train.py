@@ -226,6 +226,9 @@ def run() -> dict:
     if tensorboard_dir and chief:  # one writer per cluster; after KNN: its value is logged
         callbacks.append(emc2_tf.TrainingScalars(tensorboard_dir, FLAGS.log_every_steps))
 
+    if FLAGS.overwrite and not resume and chief and tensorboard_dir and os.path.isdir(
+            tensorboard_dir):
+        shutil.rmtree(tensorboard_dir)  # the replaced run's curves would mix with this run's
     checkpoint, resumed_from = None, None
     if directory:
         if FLAGS.overwrite and existing and chief:
