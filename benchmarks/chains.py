@@ -155,8 +155,8 @@ def main(argv):
         fail("--snapshots must be integers (epochs).")
     if not 2 <= FLAGS.batch_size <= FLAGS.num_images <= 1437:
         fail("need 2 ≤ --batch_size ≤ --num_images ≤ 1437 (the digits training images).")
-    if FLAGS.temperature <= 0:
-        fail("--temperature must be > 0.")
+    if not 0 < FLAGS.temperature < float("inf"):  # NaN fails both comparisons
+        fail(f"--temperature must be a finite number > 0; got {FLAGS.temperature}.")
     if snapshots[0] < 0 or snapshots[-1] > FLAGS.epochs:
         fail(f"--snapshots must lie in [0, --epochs={FLAGS.epochs}].")
     digits = emc2_tf.load_digits()

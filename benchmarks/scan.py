@@ -104,8 +104,9 @@ def main(argv):
     except ValueError:
         fail(f"--batch_sizes and --block_sizes must be integers; got "
              f"{','.join(FLAGS.batch_sizes)} and {','.join(FLAGS.block_sizes)}.")
-    if min(batch_sizes) < 2 or FLAGS.seconds <= 0 or FLAGS.rounds < 1:
-        fail("every batch size must be ≥ 2, --seconds > 0 and --rounds ≥ 1.")
+    if min(batch_sizes) < 2 or not 0 < FLAGS.seconds < float("inf") or FLAGS.rounds < 1:
+        fail(f"every batch size must be ≥ 2, --seconds a finite number > 0 and --rounds ≥ 1; "
+             f"got --seconds={FLAGS.seconds}.")
     if block_sizes and min(block_sizes) < 1:
         fail(f"every block size must be ≥ 1; got {','.join(FLAGS.block_sizes)}.")
     machine = common.device_description()

@@ -218,6 +218,18 @@ def test_cost_rejects_bad_flags():
         assert "Traceback" not in result.stderr
 
 
+def test_chains_and_scan_refuse_non_finite_float_flags():
+    """Bugs caught: `benchmarks.chains --temperature=nan` ended in a ValueError
+    traceback, `benchmarks.scan --seconds=inf` timed forever."""
+    for args, message in ((["-m", "benchmarks.chains", "--temperature=nan"],
+                           "chains: error: --temperature must be a finite number > 0; got nan."),
+                          (["-m", "benchmarks.scan", "--seconds=inf"],
+                           "scan: error: every batch size must be ≥ 2, --seconds a finite")):
+        result = run_python(args, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-500:]
+
+
 def test_chains_tv_near_the_noise_floor_on_a_flat_target(tmp_path):
     """At τ = 0.5 with an untrained encoder the target is flat: the chains' TV is
     the i.i.d. floor's, far below uniform's only when π is peaked (not here)."""
