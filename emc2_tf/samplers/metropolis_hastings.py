@@ -210,8 +210,9 @@ def mh_scan(
 #: as the sequential one at B = 128 and 2× slower at B = 512).
 SCAN_IMPLEMENTATIONS = ("auto", "sequential", "parallel", "blocked")
 
-#: Candidates per block of the blocked scan (the fastest of 8, 16, 32 at
-#: B = 128 and 512 on a 2-core CPU, as a graph and under XLA: benchmarks/scan.py).
+#: Candidates per block of the blocked scan (of 8, 16 and 32, the fastest at
+#: B = 128 and 512 on a 2-core CPU, within 2 % as a graph at B = 512 where 8
+#: won: benchmarks/scan.py).
 SCAN_BLOCK_SIZE = 16
 
 #: Largest `b · (2B + 1) · 2B` comparison the parallel scan builds in "auto"
