@@ -303,9 +303,12 @@ def per_method_table(payload: dict, encoder: str, data, batch_sizes: list[int],
 
 def too_large_for_parallel(batch_size: int) -> bool:
     """Whether the parallel scan's `B·(2B + 1)·2B` comparisons exceed the library's bound."""
-    from emc2_tf.samplers.metropolis_hastings import PARALLEL_SCAN_MAX_ELEMENTS
+    from emc2_tf.samplers.metropolis_hastings import (
+        PARALLEL_SCAN_MAX_ELEMENTS,
+        parallel_scan_elements,
+    )
 
-    return batch_size * (2 * batch_size + 1) * 2 * batch_size > PARALLEL_SCAN_MAX_ELEMENTS
+    return parallel_scan_elements(batch_size, 2 * batch_size) > PARALLEL_SCAN_MAX_ELEMENTS
 
 
 def scan_mode_steppers(data, batch_size: int, scan_modes: list[str], jit_modes: list[str]):

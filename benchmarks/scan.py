@@ -56,10 +56,12 @@ def depth(scan: str, batch_size: int, block_size: int = 0) -> int:
 
 def comparisons(scan: str, batch_size: int, block_size: int = 0) -> int:
     """Comparisons built at once: `B · (K + 1) · K` for K candidates (a block's k)."""
+    from emc2_tf.samplers.metropolis_hastings import parallel_scan_elements
+
     if scan == "sequential":
         return batch_size
     k = min(block_size, 2 * batch_size) if block_size else 2 * batch_size
-    return batch_size * (k + 1) * k
+    return parallel_scan_elements(batch_size, k)
 
 
 def scan_function(batch_size: int, scan: str, block_size: int, jit_compile: bool,

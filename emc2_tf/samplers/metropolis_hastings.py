@@ -239,10 +239,16 @@ def _pass_function(scan: str, valid: tf.Tensor):
             return _sequential_pass  # the only one without a static 2B
         on_gpu = bool(tf.config.list_logical_devices("GPU"))
         limit = PARALLEL_SCAN_MAX_ELEMENTS if on_gpu else PARALLEL_SCAN_CPU_MAX_ELEMENTS
-        elements = chains * (candidates + 1) * candidates
-        scan = "parallel" if elements <= limit else "sequential"
+        scan = ("parallel" if parallel_scan_elements(chains, candidates) <= limit
+                else "sequential")
     return {"sequential": _sequential_pass, "parallel": _parallel_pass,
             "blocked": _blocked_pass}[scan]
+
+
+def parallel_scan_elements(chains: int, num_candidates: int) -> int:
+    """Size `b · (K + 1) · K` of the parallel scan's comparison of b chains over K
+    candidates (every node against every candidate), what its memory scales with."""
+    return chains * (num_candidates + 1) * num_candidates
 
 
 def _doubling_levels(num_candidates: int) -> int:
@@ -387,10 +393,10 @@ def _blocked_pass(logits, valid, log_uniforms, state, log_score, block_size=None
     def tiled(x):
         return tf.tile(x[:, None], [1, block_size])
 
-    before = (tiled(state), tiled(log_score), tf.zeros_like(to_blocks(valid)[0]),
-              tf.zeros_like(to_blocks(logits)[0]), tiled(state))
     offsets = tf.range(blocks, dtype=tf.int32) * block_size
     elems = (to_blocks(logits), to_blocks(valid), to_blocks(log_uniforms), offsets)
+    before = (tiled(state), tiled(log_score), tf.zeros_like(elems[1][0]),
+              tf.zeros_like(elems[0][0]), tiled(state))
     results = tf.scan(block_pass, elems, initializer=before)  # each [blocks, b, k]
     return tuple(tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, blocks * block_size])
                  [:, :num_candidates] for x in results)
