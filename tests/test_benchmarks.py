@@ -93,7 +93,9 @@ def test_quality_rejects_bad_flags():
 def test_scan_benchmark_times_every_variant(tmp_path):
     """Bugs caught: a variant left out of the table, the depth column not the
     documented 2·2B (sequential), 2·(2⌈log₂(2B + 2)⌉ − 1) (parallel) and
-    2⌈2B/k⌉·(2⌈log₂(k + 2)⌉ − 1) (blocked), the block size not applied."""
+    2⌈2B/k⌉·(2⌈log₂(k + 2)⌉ − 1) (blocked) for --block_sizes. (It cannot tell
+    whether the timed blocked scan really ran with that k: a mutation that
+    ignores --block_sizes while tracing survives it.)"""
     result = run_python(["-m", "benchmarks.scan", "--batch_sizes=4,16", "--seconds=0.05",
                          "--rounds=1", "--block_sizes=4", f"--results_dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
