@@ -352,12 +352,33 @@ class ContrastiveModel(keras.Model):
 
     def evaluation_uniform(self, index: tf.Tensor, shape) -> tf.Tensor:
         """Uniform(0, 1) draws for `test_step`: a pure function of the model's
-        seed and the batch's indices, so evaluating never advances the training
-        draws (`random_uniform`) and gives the same value every time."""
+        seed and the global batch's indices, whatever the replica count.
+
+        Args:
+            index: int `[B]`, the global batch's sample indices (every
+                replica's, in replica order: `global_batch`).
+            shape: this replica's draws `[..., b]`, the last axis its b chains.
+
+        The draws of the whole batch, `[..., B]`, come from the seed and
+        `index` alone; each replica takes the columns of its own chains
+        (global positions `r·b … r·b + b − 1`). So a held-out image's chain
+        sees the same draws on one device and on any number of replicas
+        (issue 19: every replica drew the same `[..., b]`, and the value of
+        `evaluate` changed with the replica count), evaluating never advances
+        the training draws (`random_uniform`), and it gives the same value
+        every time.
+        """
         index = tf.cast(index, tf.int64)
         mixed = tf.reduce_sum((index + 1) * tf.range(1, tf.size(index) + 1, dtype=tf.int64))
         seed = tf.stack([tf.constant(self.seed or 0, tf.int64), mixed])
-        return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32, alg="philox")
+        shape = list(shape)
+        whole_batch = tf.random.stateless_uniform(
+            [*shape[:-1], tf.size(index)], seed=seed, dtype=tf.float32, alg="philox")
+        context = tf.distribute.get_replica_context()
+        replica_id = 0 if context is None else context.replica_id_in_sync_group
+        chains = tf.cast(shape[-1], tf.int32)
+        first = tf.cast(replica_id, tf.int32) * chains
+        return tf.gather(whole_batch, tf.range(first, first + chains), axis=-1)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds the optimizer without peeking at the data.
