@@ -12,6 +12,19 @@ and raises one-line `OSError`; weights holding NaN or inf are refused
 Serving contract: signature `serving_default` takes `images`, float32
 `[batch, H, W, C]` with values in [0, 1], and returns `embedding`, float32
 `[batch, D]`, L2-normalised. Only the encoder is exported: no chain state.
+
+Invalid images give NaN, per image: an image holding any pixel that is NaN,
+inf or outside [0, 1] gets an all-NaN embedding row, and the other images of
+the request get exactly the embeddings they get alone (the encoder only sees
+valid images: an invalid one is replaced by zeros before it and its row set
+to NaN after). A client can never mistake the answer for a real embedding,
+and one bad image does not fail a whole batch. Before this rule a NaN pixel
+got a finite, unit-norm embedding (oneDNN dropped the NaN) and 0..255 pixels
+a plausible one. Out-of-range pixels are not clipped: 0..255 pixels (the
+usual client mistake, not dividing by 255) clipped to [0, 1] give a
+near-binary image whose embedding looks valid but is wrong. The same rule
+(`emc2_tf.checks`: `check_images` for arrays, `valid_image_mask` in the
+graph) refuses such images where training data enters.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from emc2_tf.checks import valid_image_mask
 from emc2_tf.safety import check_finite_variables
 
 SIGNATURE = "serving_default"
@@ -59,6 +73,20 @@ def existing_versions(model_dir: str) -> list[int]:
     return sorted(int(name) for name in os.listdir(model_dir) if name.isdigit())
 
 
+def embed_valid_images(encoder: keras.Model, images: tf.Tensor) -> tf.Tensor:
+    """`encoder(images)` for valid images, an all-NaN row for each invalid one.
+
+    Valid: every pixel finite and in [0, 1] (`valid_image_mask`). Invalid
+    images are zeroed before the encoder, so they cannot disturb the others'
+    embeddings, and their rows are NaN after it.
+    """
+    valid = valid_image_mask(images)
+    safe = tf.where(valid[:, None, None, None], images, tf.zeros_like(images))
+    embeddings = encoder(safe, training=False)
+    return tf.where(valid[:, None], embeddings,
+                    tf.fill(tf.shape(embeddings), tf.constant(float("nan"), embeddings.dtype)))
+
+
 def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
     """The serving contract: `serving_default(images)` → `{"embedding": ...}`."""
     input_shape = tuple(encoder.input_shape[1:])
@@ -73,7 +101,7 @@ def _archive(encoder: keras.Model) -> keras.export.ExportArchive:
     spec = tf.TensorSpec((None, *input_shape), tf.float32, name=INPUT_NAME)
 
     def serve(images):
-        return {OUTPUT_NAME: encoder(images, training=False)}
+        return {OUTPUT_NAME: embed_valid_images(encoder, images)}
 
     archive.add_endpoint(SIGNATURE, serve, input_signature=[spec])
     return archive

@@ -28,6 +28,18 @@ _EXPECTED = (
 )
 
 
+def as_float_images(images: tf.Tensor) -> tf.Tensor:
+    """Images as float32 in [0, 1]: uint8 (0..255) scaled by 1/255, float cast.
+
+    The one place 8-bit pixels become the float views a model sees: applied
+    per gathered batch, so a uint8 table stays uint8 in memory.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32)
+
+
 def _describe(structure: Any) -> str:
     return str(tf.nest.map_structure(lambda s: getattr(s, "shape", s), structure))
 

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from emc2_tf.checks import check_finite_images
+from emc2_tf.checks import check_images
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+from emc2_tf.data.batch import as_float_images
 from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 
 
@@ -46,8 +47,11 @@ def make_two_view_dataset(
     """Batches of `{'index', 'view1', 'view2'}` over an in-memory image array.
 
     Args:
-        images: float32 `[N, H, W, C]` in [0, 1] (an `ImageDataset`'s
-            `train_images`).
+        images: `[N, H, W, C]`, float in [0, 1] (an `ImageDataset`'s
+            `train_images`) or uint8 0..255, kept as uint8 and scaled by
+            1/255 per batch. Anything else is refused in one line
+            (`emc2_tf.checks.check_images`): float values outside [0, 1]
+            (e.g. unscaled 0..255 pixels: divide by 255), NaN or inf.
         batch_size: B ≥ 2 images per batch (2B views); the `N mod B` images
             left over sit out each epoch (static shapes).
         augment: augmentation strengths, or None for identical, un-augmented
@@ -67,7 +71,10 @@ def make_two_view_dataset(
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape [N, H, W, C]; got {images.shape}.")
-    check_finite_images(images, "images")  # one NaN pixel wrecks training (issue 13)
+    # NaN/inf (issue 13) and float pixels outside [0, 1] (issue 19) silently wreck training.
+    check_images(images, "images")
+    if images.dtype != np.uint8 and np.issubdtype(images.dtype, np.integer):
+        images = images.astype(np.uint8)  # 0..255, checked
     num_images = images.shape[0]
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
         raise ValueError(f"batch_size must be an integer ≥ 2; got {batch_size!r}.")
@@ -96,11 +103,11 @@ def make_two_view_dataset(
             tf.TensorSpec([4], tf.int64),
         ),
     ).apply(tf.data.experimental.assert_cardinality(schedule.steps_per_iteration))
-    table = tf.constant(images, dtype=tf.float32)
+    table = tf.constant(images, dtype=tf.uint8 if images.dtype == np.uint8 else tf.float32)
     augmenter = None if augment is None else SimCLRAugment(augment)
 
     def to_views(index, seeds):
-        batch = tf.gather(table, index)
+        batch = as_float_images(tf.gather(table, index))
         if augmenter is None:
             view1 = view2 = batch
         else:

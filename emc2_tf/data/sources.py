@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from emc2_tf.checks import check_finite_images
+from emc2_tf.checks import check_images
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -48,6 +48,8 @@ class ImageDataset:
 
 
 def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
+    """`images` (`[N, H, W]` or `[N, H, W, C]`) as float32 in [0, 1]: 8-bit integer
+    pixels (0..255) scaled by 1/255, float pixels checked (`check_images`)."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
@@ -55,17 +57,10 @@ def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(
             f"{name}: images must have shape [N, H, W] or [N, H, W, C]; got {images.shape}."
         )
+    check_images(images, name)  # before any conversion: the range found is the caller's
     if np.issubdtype(images.dtype, np.integer):
-        images = images.astype(np.float32) / 255.0
-    images = images.astype(np.float32)
-    # Before the range check, which NaN passes (every comparison with NaN is False).
-    check_finite_images(images, name)
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ValueError(
-            f"{name}: float images must have values in [0, 1]; got range "
-            f"[{images.min():.3g}, {images.max():.3g}]."
-        )
-    return images
+        return images.astype(np.float32) / np.float32(255.0)
+    return images.astype(np.float32)
 
 
 def from_arrays(
@@ -75,9 +70,16 @@ def from_arrays(
     test_labels: Any,
     name: str = "arrays",
 ) -> ImageDataset:
-    """Wraps in-memory arrays (uint8 0..255 or float 0..1) as an `ImageDataset`."""
-    train = _as_float_images(train_images, f"{name} train")
-    test = _as_float_images(test_images, f"{name} test")
+    """Wraps in-memory arrays as an `ImageDataset` (float32 images in [0, 1]).
+
+    Images: `[N, H, W]` or `[N, H, W, C]`, either uint8 (or any integer type
+    holding 0..255), scaled by 1/255, or float with every value in [0, 1].
+    Float values outside [0, 1] (e.g. 0..255 pixels not divided by 255), NaN
+    or inf are refused with a one-line `ValueError` naming the argument and
+    the range found (`emc2_tf.checks.check_images`).
+    """
+    train = _as_float_images(train_images, f"{name} train_images")
+    test = _as_float_images(test_images, f"{name} test_images")
     train_labels = np.asarray(train_labels).astype(np.int64).reshape(-1)
     test_labels = np.asarray(test_labels).astype(np.int64).reshape(-1)
     if len(train_labels) != len(train) or len(test_labels) != len(test):

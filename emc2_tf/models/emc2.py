@@ -34,7 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from emc2_tf.checks import check_finite_images
+from emc2_tf.checks import check_images
+from emc2_tf.data.batch import as_float_images
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
@@ -103,8 +104,9 @@ def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Ten
             "they must match (one image per sample index)."
         )
     stored = tf.uint8 if dtype == tf.uint8 else tf.float32
-    if stored == tf.float32:  # one NaN pixel would silently wreck training (issue 13)
-        check_finite_images(images, "images (the model's image table)")
+    # NaN/inf (issue 13) or float pixels outside [0, 1] (issue 19: 0..255 floats)
+    # would re-encode negatives unlike the views they compete with.
+    check_images(images, "images (the model's image table)")
     table_bytes = int(np.prod(shape)) * stored.size
     if table_bytes > max_bytes:
         smaller = (" Pass the images as uint8 (emc2_tf.image_table(images)) for a quarter "
@@ -125,8 +127,14 @@ def image_table(images: np.ndarray) -> np.ndarray:
     """`images` as EMC²'s image table: uint8 when the float images are exactly
     `k / 255` (every 8-bit data set), a quarter of the memory with identical
     re-encodings; otherwise the float images unchanged.
+
+    uint8 images are returned as they are (0..255; the model scales each
+    gathered row by 1/255). Float images must be finite and in [0, 1], else
+    a one-line `ValueError` naming `images` and the range found
+    (`emc2_tf.checks.check_images`): 0..255 floats must be divided by 255.
     """
     images = np.asarray(images)
+    check_images(images, "images")
     if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
         return images
     quantised = np.rint(np.asarray(images, np.float32) * 255.0)
@@ -147,9 +155,7 @@ def gather_images(table: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     """
     with tf.device(table.device or IMAGE_TABLE_DEVICE):
         rows = tf.gather(table, index)
-    if rows.dtype == tf.uint8:
-        return tf.cast(rows, tf.float32) / 255.0
-    return rows
+    return as_float_images(rows)
 
 
 @keras.saving.register_keras_serializable(package="emc2_tf")
@@ -172,11 +178,14 @@ class EMC2Model(ContrastiveModel):
         encoder: images `[B, H, W, C]` → L2-normalised embeddings `[B, D]`.
         dataset_size: N; sample indices address `[0, N)`.
         images: the N un-augmented images, float `[N, H, W, C]` in [0, 1]
-            or uint8 0..255 (`emc2_tf.image_table` makes one: a quarter of
-            the memory), kept in host memory and used to re-encode a chain's
-            out-of-batch negative. Needed by `out_of_batch="reencode"` and by
-            `exact_ratio`; optional otherwise (None: no table at all), and
-            settable later with `set_image_table`.
+            or uint8 0..255, kept as uint8 and scaled by 1/255 per gathered
+            row (`emc2_tf.image_table` makes one: a quarter of the memory);
+            float values outside [0, 1] (divide 0..255 pixels by 255), NaN or
+            inf are refused in one line. Kept in host memory and used to
+            re-encode a chain's out-of-batch negative. Needed by
+            `out_of_batch="reencode"` and by `exact_ratio`; optional
+            otherwise (None: no table at all), and settable later with
+            `set_image_table`.
         temperature: τ (paper default 0.07, i.e. β ≈ 14.3).
         burn_in: MH steps per pass not recorded; default `B − 1`, B the global batch.
         exact_ratio: recompute the current state's score with the current
@@ -425,7 +434,7 @@ class EMC2Model(ContrastiveModel):
         stored = has_state[None, :, None]
 
         def value_weight(states):  # does the step's state add its score?
-            usable = (states >= 0) | (stored if self.out_of_batch == "reencode" else False)
+            usable = (states > 0) | (stored if self.out_of_batch == "reencode" else False)
             return tf.cast(usable, recorded.dtype)
 
         def count_weight(states):  # does the step count in the normaliser?
