@@ -434,7 +434,7 @@ class EMC2Model(ContrastiveModel):
         stored = has_state[None, :, None]
 
         def value_weight(states):  # does the step's state add its score?
-            usable = (states > 0) | (stored if self.out_of_batch == "reencode" else False)
+            usable = (states >= 0) | (stored if self.out_of_batch == "reencode" else False)
             return tf.cast(usable, recorded.dtype)
 
         def count_weight(states):  # does the step count in the normaliser?
