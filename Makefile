@@ -25,26 +25,24 @@ demo: $(STAMP)
 # tests handed out in chunks and stolen by an idle worker, so no file runs alone at the end.
 PYTEST := $(PY) -m pytest -q -rs -n auto --dist worksteal
 
-# The suite runs once: as Bazel py_tests where Bazel (with Debian's rules)
-# is installed, else with pytest; either way it says which.
+# `make test` (the README's test command, what .ci/run calls) is always this
+# one suite, pytest with xdist, whether or not Bazel is installed.
+test: $(STAMP)
+	$(PYTEST) tests
+
+# An alias of `make test`, for those used to it.
+pytest: test
+
+# The same test files as Bazel py_tests (one file at a time: slower), for
+# those who build with Bazel; needs Bazel with Debian's rules.
 BAZEL_OK := $(shell command -v bazel >/dev/null 2>&1 && [ -d /usr/share/bazel/rules/java ] \
 	&& [ -d /usr/share/bazel/platforms ] && echo yes)
 
-test: $(STAMP)
-ifeq ($(BAZEL_OK),yes)
-	@echo "make test: Bazel is installed: running every test file as a py_test (bazel test //...)"
-	bazel test //... --test_arg=-rs
-else
-	@echo "make test: Bazel step skipped: bazel (with Debian's rules) is not installed" \
-	      "(apt-get install bazel-bootstrap bazel-rules-java bazel-platforms); running pytest"
-	$(PYTEST) tests
-endif
-
-# The suite with pytest, whether or not Bazel is installed.
-pytest: $(STAMP)
-	$(PYTEST) tests
-
 bazel-test: $(STAMP)
+ifneq ($(BAZEL_OK),yes)
+	@echo "make bazel-test: needs bazel with Debian's rules:" \
+	      "apt-get install bazel-bootstrap bazel-rules-java bazel-platforms" >&2; exit 2
+endif
 	bazel test //... --test_arg=-rs
 
 # Also the opt-in heavy / real-data checks (e.g. Fashion-MNIST idx files).

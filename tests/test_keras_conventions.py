@@ -287,3 +287,9 @@ def test_a_data_set_over_the_table_limit_trains_with_drop_or_uint8():
     dropped.compile(optimizer=keras.optimizers.Adam(1e-2))
     dropped.fit(_dataset(floats), epochs=1, verbose=0)
     assert dropped.images is None and np.sum(np.array(dropped.chain_index) >= 0) > 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
