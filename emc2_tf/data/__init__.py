@@ -2,6 +2,8 @@
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
 from emc2_tf.data.batch import unpack_two_view_batch
+from emc2_tf.data.folder import IMAGE_EXTENSIONS, ImageFolderSource
+from emc2_tf.data.image_source import ArraySource, ImageSource
 from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 from emc2_tf.data.pipeline import make_two_view_dataset
 from emc2_tf.data.sources import (
