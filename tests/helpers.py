@@ -19,14 +19,16 @@ def fixed_embeddings(num_images: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def embedding_images(embeddings: np.ndarray) -> np.ndarray:
-    """The embeddings stored as 1x1 "images" `[N, 1, 1, D]` (float32)."""
-    return embeddings.astype(np.float32).reshape(len(embeddings), 1, 1, -1)
+    """The embeddings stored as 1x1 "images" `[N, 1, 1, D]` (float32), mapped
+    from [−1, 1] to pixel values `(z + 1) / 2` in [0, 1] (images must lie there)."""
+    return ((embeddings.astype(np.float32) + 1) / 2).reshape(len(embeddings), 1, 1, -1)
 
 
 def frozen_encoder(dim: int) -> keras.Model:
-    """An encoder with no weights: reads the embedding back out of the image."""
+    """An encoder with no weights: reads the embedding back out of an `embedding_images` image."""
     return keras.Sequential(
-        [keras.Input((1, 1, dim)), keras.layers.Reshape((dim,)), keras.layers.UnitNormalization()]
+        [keras.Input((1, 1, dim)), keras.layers.Rescaling(2.0, offset=-1.0),
+         keras.layers.Reshape((dim,)), keras.layers.UnitNormalization()]
     )
 
 

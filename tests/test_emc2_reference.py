@@ -19,6 +19,7 @@ import emc2_tf
 from emc2_tf.samplers import candidate_mask, mh_scan
 
 import emc2_reference as ref
+from helpers import embedding_images, frozen_encoder
 
 N, B, TAU = 12, 6, 0.25
 
@@ -376,6 +377,103 @@ def test_xla_equals_eager_on_the_same_draws(fixture, options):
     np.testing.assert_array_equal(index_x, index_e)
     np.testing.assert_allclose(score_x, score_e, rtol=1e-5)
     assert loss_e == pytest.approx(fixture.reference(**options).loss, rel=1e-5)
+
+
+class _PositionZeroCase:
+    """Hand-set embeddings where two chains end the step on candidate position 0.
+
+    B = 4 images `[4, 1, 2, 3]`, D = 8, τ = 0.1, every MH uniform 0.5.
+    Position 0 (view 1 of image 4) is `e0`; the other view-1s are `e4..e6`
+    and view 2 of image 4 is `e7` (similarity 0 to everything); view 2 of
+    images 1..3 is `cos 60° e0 + sin 60° e_j`. So in pass 1 the chains of
+    images 1 and 2 accept position 0 first (β s = 5 against their pass-0
+    score 0) and then reject every later candidate (α ≤ e^(−2.5) < 0.5): the
+    step ends on position 0. Image 4's chain sits on data-set image 0 and
+    image 3's on image 9, both with a score of 1e3 that nothing beats: they
+    end out of the batch and keep their negatives.
+    """
+
+    index = np.array([4, 1, 2, 3], np.int32)
+    num_images, dim, temperature = 10, 8, 0.1
+
+    def __init__(self):
+        e = np.eye(self.dim)
+        cos, sin = np.cos(np.pi / 3), np.sin(np.pi / 3)
+        self.views = np.stack([e[0], e[4], e[5], e[6], e[7],
+                               *[cos * e[0] + sin * e[j] for j in (1, 2, 3)]])
+        self.chain_index = np.full(self.num_images, -1, np.int32)
+        self.chain_log_score = np.full(self.num_images, -np.inf, np.float32)
+        for image, state, score in ((4, 0, 1e3), (1, 7, 0.0), (3, 9, 1e3)):
+            self.chain_index[image], self.chain_log_score[image] = state, score
+        # The stored negatives' embeddings (re-encoded by "reencode"): image i is e_(i mod 8).
+        self.stored_embeddings = e[np.arange(self.num_images) % self.dim]
+        self.uniforms = np.full((2, 8, 4), 0.5, np.float32)
+
+    def model_step(self, options):
+        """`(loss, scalars, chain_index, chain_log_score)` of `contrastive_loss` on this batch."""
+        model = emc2_tf.EMC2Model(encoder=frozen_encoder(self.dim), dataset_size=self.num_images,
+                                  images=embedding_images(self.stored_embeddings),
+                                  temperature=self.temperature, seed=0,
+                                  **options)
+        model.chain_index.assign(self.chain_index)
+        model.chain_log_score.assign(self.chain_log_score)
+        model.random_uniform = lambda shape: tf.constant(self.uniforms)
+        loss, scalars = model.contrastive_loss(tf.constant(self.index),
+                                               tf.constant(self.views, tf.float32))
+        return (float(loss), {k: float(v) for k, v in scalars.items()},
+                model.chain_index.numpy(), model.chain_log_score.numpy())
+
+    def reference(self, options):
+        """`(loss, scan)` of the float64 reference, the stored negatives re-encoded from the table."""
+        beta, b = 1.0 / self.temperature, len(self.index)
+        logits = beta * self.views @ self.views.T
+        anchor_logits = np.stack([logits[:b], logits[b:]])
+        old = self.chain_index[self.index]
+        stored = self.stored_embeddings[np.maximum(old, 0)]
+        out_of_batch_logits = beta * np.stack([(self.views[:b] * stored).sum(1),
+                                               (self.views[b:] * stored).sum(1)])
+        initial = np.where(old >= 0, self.chain_log_score[self.index], -np.inf)
+        scan = ref.reference_scan(anchor_logits, ref.valid_candidates(self.index),
+                                  np.log(self.uniforms), initial, b - 1)
+        negative = ref.negative_term(anchor_logits, out_of_batch_logits, scan, old >= 0,
+                                     options["out_of_batch"], options["waste_recycling"])
+        positive = beta * (self.views[:b] * self.views[b:]).sum(1)
+        return negative.mean() - positive.mean(), scan
+
+
+@pytest.mark.parametrize("options", [
+    dict(out_of_batch="drop", waste_recycling=True),
+    dict(out_of_batch="reencode", waste_recycling=False)], ids=["drop-recycling", "reencode"])
+def test_chains_ending_on_candidate_position_0_are_in_batch_and_written_back(options):
+    """Two of four chains end the step on candidate position 0 (view 1 of the
+    batch's first image, data-set image 4); one out-of-batch chain sits on
+    data-set image 0. Pins `out_of_batch_fraction` = 2/4 exactly, the
+    written-back `chain_index` (images 1 and 2 → 4; 3 and 4 keep 9 and 0),
+    the scores, and the loss against the float64 reference.
+
+    Catches (issue 19, a mutant that survived the suite): position 0 counted
+    as out of batch (`final_state < 0` → `<= 0`: fraction 1.0), a write-back
+    that skips it (`final_state >= 0` → `> 0`: images 1 and 2 keep 7 and −1),
+    steps on position 0 treated as out-of-batch in the estimator
+    (`states >= 0` → `> 0` in `emc2_negative_term` or in the value weights),
+    and a stored negative that is data-set image 0 taken for an empty chain
+    (`old_index >= 0` → `> 0`).
+    """
+    case = _PositionZeroCase()
+    loss, scalars, chain_index, chain_log_score = case.model_step(options)
+    want_loss, scan = case.reference(options)
+    # The case is what it claims: chains 1 and 2 end on position 0, 0 and 3 out of batch.
+    np.testing.assert_array_equal(scan.final_state, [ref.OUT_OF_BATCH, 0, 0, ref.OUT_OF_BATCH])
+    assert scalars["out_of_batch_fraction"] == 0.5
+    expected_index = case.chain_index.copy()
+    expected_index[[1, 2]] = 4
+    np.testing.assert_array_equal(chain_index, expected_index)
+    np.testing.assert_array_equal(chain_index[[4, 3]], [0, 9])
+    np.testing.assert_allclose(chain_log_score[[1, 2]], 5.0, rtol=1e-6)
+    np.testing.assert_array_equal(chain_log_score[[3, 4]], [1e3, 1e3])
+    assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-5)
+    assert scalars["acceptance_rate"] == pytest.approx(
+        scan.accepted.sum() / (2 * scan.valid.sum()), rel=1e-6)
 
 
 def test_out_of_batch_mode_is_checked():
