@@ -160,6 +160,51 @@ def test_tf_serving_rest_contract(encoder, tmp_path):
     )
 
 
+# In a subprocess: trainers.export defines its flags on absl's global FLAGS.
+_EXPORT_TWICE = r"""
+import os, sys
+from absl import flags
+import emc2_tf
+from trainers.common import build_run
+from trainers.run_flags import RUN_DEFINING, define_train_flags, flags_file_text, write_flags_file
+
+root = sys.argv[1]
+os.chdir(root)  # where the bug wrote: ./savedmodels
+run_flags = flags.FlagValues()
+define_train_flags(run_flags)
+run_flags(["train", "--train_size=100", "--batch_size=50", "--model_name=run",
+           f"--export_dir={root}/recorded"])
+run = build_run("train", run_flags)
+run.model.optimizer.build(run.model.trainable_variables)  # its slots, as after training
+emc2_tf.TrainingCheckpoint(f"{root}/ck", run.model, steps_per_epoch=2,
+                           handle_signals=False).save()
+write_flags_file(f"{root}/ck", flags_file_text(run_flags, [*RUN_DEFINING, "export_dir"]))
+from trainers import export
+for extra in ([], [f"--export_dir={root}/given"]):
+    export.FLAGS.unparse_flags()
+    export.FLAGS(["export", f"--checkpoint_dir={root}/ck", *extra])
+    export.main(["export"])
+"""
+
+
+def test_export_cli_writes_to_the_runs_recorded_export_dir(tmp_path):
+    """Bug caught: `trainers.export` ignored the run's `--export_dir` (recorded in its
+    flags.txt) and wrote version 1 under `./savedmodels`, where the run's model server
+    never looks. Without `--export_dir` it must export beside the run's own exports;
+    with it, where it says."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", _EXPORT_TWICE, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [line for line in result.stdout.splitlines() if line.startswith("exported")]
+    assert printed == [f"exported encoder: {tmp_path / 'recorded' / 'run' / '1'}",
+                       f"exported encoder: {tmp_path / 'given' / 'run' / '1'}"], result.stdout
+    assert sorted(os.listdir(tmp_path)) == ["ck", "given", "recorded"]  # no ./savedmodels
+    for root in ("recorded", "given"):
+        assert os.listdir(tmp_path / root / "run") == ["1"]
+        assert os.path.isfile(tmp_path / root / "run" / "1" / "saved_model.pb")
+
 if __name__ == "__main__":
     import sys
 

@@ -133,5 +133,131 @@ def test_serving_answers_nan_for_an_invalid_image_and_the_others_unchanged(tmp_p
     assert np.isfinite(serve(images=tf.constant(edges))["embedding"].numpy()).all()
 
 
+#: Training flags that configure no model: each is used outside the model, the
+#: same way for every method (by `trainers.train` and `trainers.common`). Every
+#: other training flag is audited per method below; a new flag must be listed
+#: here (with why) or pass that audit.
+METHOD_INDEPENDENT = {
+    "dataset": "the data set", "data_dir": "the data set", "train_size": "the data set",
+    "epochs": "fit's length", "batch_size": "the pipeline's batches",
+    "learning_rate": "the optimizer", "optimizer": "the optimizer",
+    "weight_decay": "the optimizer", "warmup_epochs": "the optimizer's schedule",
+    "seed": "initial weights, order, augmentations, the model's seed",
+    "encoder": "the encoder", "jit_compile": "compile()",
+    "batch_selection": "the pipeline's batch order", "spectral_every": "the batch order",
+    "spectral_groups": "the batch order", "strategy": "the devices",
+    "cpu_devices": "the devices", "worker_timeout": "the cluster",
+    "eval_every": "a callback", "model_name": "output names", "checkpoint_dir": "output",
+    "checkpoint_every_steps": "output", "keep_checkpoints": "output", "resume": "resuming",
+    "resume_from": "resuming", "overwrite": "output", "tensorboard_dir": "output",
+    "log_every_steps": "output", "projector": "output", "export_dir": "output",
+    "export": "output",
+}
+#: A value other than the default for each non-boolean, non-enum audited flag.
+ALTERNATIVE = {"temperature": "0.5", "burn_in": "0", "gamma": "0.5", "kcl_t": "0.5",
+               "kcl_gamma": "4"}
+#: Flags whose values give identical results by design: they must reach the
+#: model's config instead (EMC²'s scan implementations agree draw for draw).
+RESULT_NEUTRAL = ("scan",)
+
+
+def _train_flags(*argv):
+    from absl import flags
+
+    from trainers.run_flags import define_train_flags
+
+    run_flags = flags.FlagValues()
+    define_train_flags(run_flags)
+    run_flags(["train", "--batch_size=4", *argv])
+    return run_flags
+
+
+def _alternative(flag) -> str | None:
+    """A value of `flag` other than its default, as a command-line string."""
+    if flag.flag_type() == "bool":
+        return str(not flag.default).lower()
+    enum_values = getattr(flag.parser, "enum_values", None)
+    if enum_values:
+        return next(value for value in enum_values if value != flag.default)
+    return ALTERNATIVE.get(flag.name)
+
+
+def _built(run_flags, data):
+    """The model `run_flags` describe, from the trainer's own `method_arguments`,
+    on a tiny encoder (Dense 4, unit norm; same initial weights every time)."""
+    import keras
+
+    from trainers.common import method_arguments
+
+    keras.utils.set_random_seed(0)
+    encoder = keras.Sequential([keras.Input(data.image_shape), keras.layers.Flatten(),
+                                keras.layers.Dense(4), keras.layers.UnitNormalization()])
+    model = emc2_tf.build_model(run_flags.method, encoder=encoder, dataset_size=data.num_train,
+                                **method_arguments(run_flags, data))
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    return model
+
+
+def _trained_state(run_flags, data) -> np.ndarray:
+    """The weights and per-sample state after 3 eager training steps on fixed batches
+    (the third revisits images 0 and 2, so chains and `u` start from stored state)."""
+    model = _built(run_flags, data)
+    images = data.train_images
+    for index in ([0, 1, 2, 3], [4, 5, 6, 7], [2, 5, 0, 7]):
+        model.train_step({"index": tf.constant(index, tf.int32),
+                          "view1": tf.constant(images[index]),
+                          "view2": tf.constant(images[index][:, :, ::-1])})
+    return np.concatenate([np.ravel(np.asarray(w, np.float64)) for w in model.weights])
+
+
+def _config(run_flags, data) -> dict:
+    """The built model's config, without the (auto-named) encoder."""
+    config = _built(run_flags, data).get_config()
+    return {key: value for key, value in config.items() if key not in ("encoder", "name")}
+
+
+def test_every_method_flag_is_honoured_or_refused(capsys):
+    """Bug caught: a flag a method ignores, recorded in flags.txt and printed, with no
+    effect: `--method=kcl --temperature=0.5` trained bit-identically to the default
+    (KCL has no temperature). Mechanical: for every method of `METHODS` and every
+    training flag not declared method-independent, the flag's non-default value is
+    either refused by `check_method_flags` in one line, or changes the trained
+    weights and state (the config, for result-neutral flags)."""
+    from trainers.common import check_method_flags
+
+    from emc2_tf.models import METHODS
+
+    definitions = _train_flags()
+    audited = sorted(name for name in definitions if name not in METHOD_INDEPENDENT
+                     and name != "method")
+    assert "temperature" in audited and "burn_in" in audited
+    missing = [name for name in audited if _alternative(definitions[name]) is None]
+    assert not missing, f"give these flags a test value in ALTERNATIVE: {missing}"
+    _, images = _float_images(8, seed=4)
+    data = emc2_tf.from_arrays(images, np.arange(8) % 2, images[:4], np.arange(4) % 2)
+    ignored, refused = [], []
+    for method in sorted(METHODS):
+        baseline = {}
+        for name in audited:
+            argv = [f"--method={method}", f"--{name}={_alternative(definitions[name])}"]
+            run_flags = _train_flags(*argv)
+            try:
+                check_method_flags("train", run_flags)
+            except SystemExit:
+                error = capsys.readouterr().err
+                assert error.count("\n") == 1 and error.startswith(
+                    f"train: error: --{name} is not an option of --method={method}"), error
+                refused.append((method, name))
+                continue
+            probe = _config if name in RESULT_NEUTRAL else _trained_state
+            if probe not in baseline:
+                baseline[probe] = probe(_train_flags(f"--method={method}"), data)
+            value = probe(run_flags, data)
+            if (np.array_equal(value, baseline[probe]) if isinstance(value, np.ndarray)
+                    else value == baseline[probe]):
+                ignored.append(" ".join(argv))
+    assert not ignored, f"accepted but without effect: {ignored}"
+    assert ("kcl", "temperature") in refused and ("emc2", "gamma") in refused
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

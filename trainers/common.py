@@ -11,7 +11,11 @@ from typing import Any, NoReturn
 from emc2_tf.models import METHODS, image_table, method_options
 
 #: Flags that configure one method's constructor option: flag → (option, value).
+#: A flag given for a method whose factory lacks the option is refused
+#: (`check_method_flags`); a value converted to None leaves the method's own
+#: default. tests/test_input_checks.py audits every method × flag pair.
 METHOD_FLAGS = {
+    "temperature": ("temperature", lambda v: v),  # None: the method's own τ; KCL has none
     "burn_in": ("burn_in", lambda v: None if v < 0 else v),
     "exact_ratio": ("exact_ratio", bool),
     "out_of_batch": ("out_of_batch", str),
@@ -67,7 +71,9 @@ def check_output_dirs(program: str, outputs) -> None:
 
 
 def check_method_flags(program: str, run_flags) -> None:
-    """Refuses a method-specific flag given for a method that has no such option."""
+    """Refuses a method-specific flag given for a method that has no such option
+    (e.g. `--temperature` for KCL, whose loss has no temperature: it would be
+    recorded and printed but change nothing), naming the methods that have it."""
     accepted = method_options(run_flags.method)
     for flag, (option, _) in METHOD_FLAGS.items():
         if run_flags[flag].present and option not in accepted:
@@ -82,11 +88,10 @@ def method_arguments(run_flags, data) -> dict:
     arguments = {"seed": run_flags.seed}
     if "images" in accepted:
         arguments["images"] = image_table(data.train_images)  # uint8 when exact
-    if run_flags.temperature is not None:
-        arguments["temperature"] = run_flags.temperature
     for flag, (option, convert) in METHOD_FLAGS.items():
-        if option in accepted:
-            arguments[option] = convert(run_flags[flag].value)
+        value = convert(run_flags[flag].value) if option in accepted else None
+        if value is not None:
+            arguments[option] = value
     return arguments
 
 

@@ -51,8 +51,8 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float(
         "temperature", None,
         "Temperature τ > 0 (β = 1/τ); default: the method's own (emc2 0.07, sogclr 0.1, "
-        "simclr 0.1, dcl 0.1, dhel 0.3; kcl has none and uses it only for the global-loss "
-        "monitor, 0.1).", **fv)
+        "simclr 0.1, dcl 0.1, dhel 0.3). kcl has no temperature (its kernel's scale is "
+        "--kcl_t): refused there.", **fv)
     flags.DEFINE_float("learning_rate", 1e-3,
                        "Learning rate (the peak of the schedule when --warmup_epochs > 0).", **fv)
     flags.DEFINE_enum("optimizer", "adam", list(OPTIMIZERS),
