@@ -48,10 +48,13 @@ from emc2_tf.evaluation import (
 )
 from emc2_tf.checkpoint import (
     CheckpointError,
+    CheckpointStateError,
     TrainingCheckpoint,
     fit_with_checkpoints,
+    latest_checkpoint,
     list_checkpoints,
 )
+from emc2_tf.run_lock import FolderInUseError, RunLock, lock_run_folder
 from emc2_tf.export import export_encoder
 from emc2_tf.losses import (
     dcl_loss,

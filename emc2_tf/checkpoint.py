@@ -25,8 +25,19 @@ the write loses the only backup) and resumes at the start of the
 interrupted epoch. TensorFlow's checkpoint writes the shards to a temporary
 prefix, merges them, and only then points the `checkpoint` state file
 (written with an atomic rename) at the new checkpoint; a kill at any point
-leaves the previous checkpoint as the latest. The manager keeps the last
-`keep` and deletes older ones only after a new one is complete.
+leaves the previous checkpoint complete. The manager keeps the last `keep`
+and deletes older ones only after a new one is complete.
+
+The files are the truth, the state file a hint (issue 19): TensorFlow's
+`tf.train.latest_checkpoint` returns None for a damaged or deleted state
+file, and a resume then started at step 0 and overwrote the run.
+`list_checkpoints` finds checkpoints from their `ckpt-<step>.*` files;
+`latest_checkpoint` (what `restore()` continues from) is the newest
+complete one, and only when the state file names it; otherwise it raises
+`CheckpointStateError` naming what is on disk, and the checkpoint to
+continue from must be given by its path. One process writes a folder
+(`lock_run_folder`), and never into an earlier run's checkpoints it did not
+restore (`TrainingCheckpoint.claim_folder`).
 
 Never saved: weights holding NaN or inf (`save` raises `NonFiniteError`);
 a write that fails (a full disk) removes what it wrote and raises `OSError`.
@@ -46,6 +57,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from emc2_tf.run_lock import lock_run_folder
 from emc2_tf.safety import check_finite_variables
 
 CHECKPOINT_NAME = "ckpt"
@@ -55,13 +67,177 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not belong to this run."""
 
 
+#: TensorFlow's state file in a checkpoint folder: the list of checkpoints and the
+#: latest. A hint, not the truth (see `latest_checkpoint`).
+STATE_FILE = "checkpoint"
+
+#: A checkpoint's files: `ckpt-<step>.index` and `ckpt-<step>.data-<k>-of-<n>`.
+_CHECKPOINT_FILE = re.compile(
+    rf"^{CHECKPOINT_NAME}-(\d+)\.(?:index|data-(\d{{5}})-of-(\d{{5}}))$")
+
+
+class CheckpointStateError(CheckpointError):
+    """The `checkpoint` state file is missing, damaged, or does not name the newest
+    complete checkpoint on disk: which checkpoint continues the run is then not
+    known, and only an explicit choice may restore one.
+
+    Attributes:
+        directory: the checkpoint folder.
+        on_disk: its complete checkpoints (prefixes), oldest first.
+        problem: what is wrong with the state file, e.g. "its state file
+            D/checkpoint does not parse".
+    """
+
+    def __init__(self, directory: str, on_disk: list[str], problem: str):
+        self.directory, self.on_disk, self.problem = directory, list(on_disk), problem
+        if on_disk:
+            way_out = (f"restore one explicitly by its path (the newest complete one is "
+                       f"{on_disk[-1]})")
+        else:
+            way_out = "there is nothing to restore"
+        super().__init__(f"{directory}: {self.summary}; {way_out}.")
+
+    @property
+    def summary(self) -> str:
+        """ "ckpt-44, ckpt-66, ckpt-88 on disk; its state file ... does not parse"."""
+        names = checkpoint_names(self.on_disk) if self.on_disk else "no complete checkpoint"
+        return f"{names} on disk; {self.problem}"
+
+
+def checkpoint_names(prefixes: list[str]) -> str:
+    """ "ckpt-44, ckpt-66, ckpt-88" (the first two, "…" and the last three beyond five)."""
+    names = [os.path.basename(p) for p in prefixes]
+    if len(names) > 5:
+        names = [*names[:2], f"… ({len(prefixes)} in all)", *names[-3:]]
+    return ", ".join(names)
+
+
+def _files_by_step(directory: str) -> dict[int, set[str]]:
+    """The checkpoint files in `directory` by global step (any, complete or not)."""
+    steps: dict[int, set[str]] = {}
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            match = _CHECKPOINT_FILE.match(name)
+            if match and os.path.isfile(os.path.join(directory, name)):
+                steps.setdefault(int(match.group(1)), set()).add(name)
+    return steps
+
+
+def _missing_files(step: int, names: set[str]) -> list[str]:
+    """The files a complete `ckpt-<step>` would have and `names` lacks: its index, and
+    every data shard `k` of `n` (an index without any data file lacks shard 0 of 1)."""
+    prefix = f"{CHECKPOINT_NAME}-{step}"
+    missing = [] if f"{prefix}.index" in names else [f"{prefix}.index"]
+    counts = {int(m.group(3)) for m in map(_CHECKPOINT_FILE.match, names) if m.group(3)}
+    for count in sorted(counts) or [1]:
+        missing += [f"{prefix}.data-{k:05d}-of-{count:05d}" for k in range(count)
+                    if f"{prefix}.data-{k:05d}-of-{count:05d}" not in names]
+    return missing
+
+
 def list_checkpoints(directory: str) -> list[str]:
-    """The checkpoint prefixes in `directory` that the state file records, oldest first."""
-    state = tf.train.get_checkpoint_state(directory) if os.path.isdir(directory) else None
-    if state is None:
-        return []
-    # get_checkpoint_state already prefixes relative entries with `directory`.
-    return list(state.all_model_checkpoint_paths)
+    """The complete checkpoints in `directory` (prefixes `<directory>/ckpt-<step>`), oldest
+    first, found from their files: `ckpt-<step>.index` and every data shard.
+
+    The `checkpoint` state file is not read: a damaged or deleted one hides
+    nothing here (issue 19). Which one a run continues from is
+    `latest_checkpoint`'s decision.
+    """
+    return [os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
+            for step, names in sorted(_files_by_step(directory).items())
+            if not _missing_files(step, names)]
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """Every checkpoint file in `directory` (`ckpt-<step>.index`, `.data-*`), complete
+    checkpoints or not: what `--overwrite` deletes, and what makes a folder an earlier
+    run's."""
+    return sorted(name for names in _files_by_step(directory).values() for name in names)
+
+
+def _state_entries(directory: str) -> tuple[list[str] | None, str | None]:
+    """The state file's checkpoints (names `ckpt-<step>`, the latest last), or None and
+    why it cannot be read. Parsed here, not by `tf.train.get_checkpoint_state`, which
+    logs two warnings and returns None for a damaged file (or raises for an empty one)."""
+    from google.protobuf import text_format
+    from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
+
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.lexists(path):
+        return None, f"its state file {path} is missing"
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as error:
+        return None, f"its state file {path} cannot be read ({error.strerror or error})"
+    except UnicodeDecodeError:
+        return None, f"its state file {path} does not parse (not text)"
+    state = CheckpointState()
+    try:
+        text_format.Merge(text, state)
+    except text_format.ParseError:
+        return None, f"its state file {path} does not parse"
+    if not state.model_checkpoint_path:
+        return None, f"its state file {path} names no checkpoint"
+    entries = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+    latest = os.path.basename(state.model_checkpoint_path)
+    return [*[e for e in entries if e != latest], latest], None
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """The checkpoint a run in `directory` continues from: the newest complete one on
+    disk, provided the `checkpoint` state file agrees.
+
+    The rule (issue 19): the files are the truth, the state file a hint that
+    must agree with them. Returns None when the folder holds no checkpoint
+    file and no state file. Raises `CheckpointStateError` (one line, naming
+    the checkpoints on disk) when the state file is missing beside
+    checkpoint files, cannot be read or parsed, or names as the latest
+    anything but the newest complete checkpoint on disk (its files missing
+    or incomplete, or a newer one present). A kill between writing a
+    checkpoint and recording it leaves that state too: restore a checkpoint
+    by its path then (`TrainingCheckpoint.restore(path)`, `--resume_from`).
+    Older entries that are gone (deleted by `keep`), and older complete
+    checkpoints it does not list, are allowed.
+    """
+    on_disk = list_checkpoints(directory)
+    entries, problem = _state_entries(directory)
+    if entries is None:
+        if not on_disk and not os.path.lexists(os.path.join(directory, STATE_FILE)):
+            return None
+        raise CheckpointStateError(directory, on_disk, problem)
+    latest = entries[-1]
+    if on_disk and os.path.basename(on_disk[-1]) == latest:
+        return on_disk[-1]
+    state = os.path.join(directory, STATE_FILE)
+    if any(os.path.basename(p) == latest for p in on_disk):
+        problem = (f"its state file {state} names {latest} as the latest, but "
+                   f"{os.path.basename(on_disk[-1])} on disk is newer")
+    else:
+        step = checkpoint_step(latest) if _CHECKPOINT_FILE.match(latest + ".index") else None
+        names = _files_by_step(directory).get(step, set()) if step is not None else set()
+        missing = ("none of its files is on disk" if not names
+                   else f"{', '.join(_missing_files(step, names))} missing")
+        problem = f"its state file {state} names {latest} as the latest, but {missing}"
+    raise CheckpointStateError(directory, on_disk, problem)
+
+
+def checkpoint_summary(directory: str) -> str | None:
+    """What `directory` holds of a run's checkpoints, in one phrase for messages (e.g.
+    "ckpt-60, ckpt-65, ckpt-66 on disk; the latest ckpt-66"); None when it holds no
+    checkpoint file and no state file."""
+    try:
+        latest = latest_checkpoint(directory)
+    except CheckpointStateError as error:
+        return error.summary
+    if latest is not None:
+        return (f"{checkpoint_names(list_checkpoints(directory))} on disk; the latest "
+                f"{os.path.basename(latest)}")
+    files = checkpoint_files(directory)
+    if not files:
+        return None
+    more = ", …" if len(files) > 3 else ""
+    return f"incomplete checkpoint files on disk ({', '.join(files[:3])}{more})"
 
 
 def checkpoint_step(path: str) -> int:
@@ -88,6 +264,16 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     finishes, a checkpoint is written, training stops and `interrupted`
     holds the signal number; a second signal acts as usual (the handler is
     the previous one again).
+
+    Never loses an earlier run (issue 19): `restore()` trusts the
+    `checkpoint` state file only when it names the newest complete
+    checkpoint on disk (`latest_checkpoint`), and before its first write
+    (at the start of `fit`, or the first `save`) this callback
+    - locks the folder for the rest of the process (`lock_run_folder`): a
+      second process writing it gets `FolderInUseError` naming the holder;
+    - refuses (`CheckpointError`) a folder that holds checkpoints when it
+      has not called `restore()`: its saves would overwrite or delete them.
+      Restore one to continue that run, or delete them to start afresh.
 
     Args:
         directory: where the checkpoints go (`ckpt-<global step>.*` and the
@@ -131,6 +317,10 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._last_saved_step = -1
+        self._restore_called = False  # restore() accepted the folder's checkpoints
+        self._claimed = False  # locked and checked before the first write
+        self._manager: tf.train.CheckpointManager | None = None
+        self._keep = keep
         with model.distribute_strategy.scope():
             self._steps_per_epoch = tf.Variable(steps_per_epoch, dtype=tf.int64, trainable=False)
         items = {
@@ -155,9 +345,50 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             task = strategy.cluster_resolver.task_id
             write_directory = os.path.join(directory, f".worker-{task}")
         self._write_directory = write_directory
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, write_directory, max_to_keep=keep, checkpoint_name=CHECKPOINT_NAME
-        )
+
+    # The folder ---------------------------------------------------------------
+
+    @property
+    def manager(self) -> tf.train.CheckpointManager:
+        """The `tf.train.CheckpointManager` that writes and prunes the checkpoints.
+
+        Built at the first write, after `claim_folder`: its constructor reads
+        the state file, which must be sound by then. A damaged one (which
+        `restore()` refused, so the run restored a checkpoint by its path) is
+        removed first; TensorFlow would log warnings, or raise for an empty
+        file, and its first save replaces it anyway.
+        """
+        if self._manager is None:
+            self.claim_folder()
+            if _state_entries(self._write_directory)[0] is None:
+                state = os.path.join(self._write_directory, STATE_FILE)
+                if os.path.isfile(state):
+                    os.remove(state)
+            self._manager = tf.train.CheckpointManager(
+                self.checkpoint, self._write_directory, max_to_keep=self._keep,
+                checkpoint_name=CHECKPOINT_NAME)
+        return self._manager
+
+    def claim_folder(self) -> None:
+        """Makes this process the folder's one writer, before anything is written.
+
+        The chief (the only writer of `directory`) takes the folder's lock
+        (`FolderInUseError` if another live process holds it) and then
+        refuses, with `CheckpointError`, a folder that holds checkpoints this
+        callback did not `restore()`. Called by `fit` and `save`; idempotent.
+        """
+        if self._claimed:
+            return
+        if self._write_directory == self.directory:  # the chief
+            lock_run_folder(self.directory)
+            found = checkpoint_summary(self.directory)
+            if found and not self._restore_called:
+                raise CheckpointError(
+                    f"{self.directory} holds checkpoints of an earlier run ({found}), and none "
+                    "was restored: saving would overwrite or delete them. Call restore() to "
+                    "continue that run, or delete them (or choose another directory) to "
+                    "start afresh.")
+        self._claimed = True
 
     # Position -----------------------------------------------------------------
 
@@ -176,20 +407,25 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def restore(self, path: str | None = None, check_steps_per_epoch: bool = True) -> str | None:
         """Restores `path`, or the latest checkpoint in `directory`; returns its path.
 
-        Returns None (and changes nothing) when there is no checkpoint.
+        Without `path`, the latest is `latest_checkpoint(directory)` (the
+        chief's, on every worker): the newest complete checkpoint on disk,
+        provided the `checkpoint` state file names it. Returns None (and
+        changes nothing) when the folder holds no checkpoint file and no
+        state file.
+
         Raises `CheckpointError` with a one-line reason when the checkpoint
         cannot be read (truncated or corrupt files), was written by a
         different model, or (unless `check_steps_per_epoch` is False, e.g.
-        to evaluate or export it) with a different `steps_per_epoch`.
+        to evaluate or export it) with a different `steps_per_epoch`; its
+        subclass `CheckpointStateError` when the state file is missing,
+        damaged or disagrees with the files (a silent fresh start would then
+        overwrite the run): pass the `path` of the checkpoint to continue.
         """
         if path is None:
-            # The state file's newest entry (the chief's, on every worker), without
-            # tf.train.latest_checkpoint's existence check: a damaged latest must be
-            # an error, not a silent fresh start.
-            recorded = list_checkpoints(self.directory)
-            if not recorded:
+            path = latest_checkpoint(self.directory)
+            if path is None:
+                self._restore_called = True  # nothing to keep: saves may start here
                 return None
-            path = recorded[-1]
         others = [p for p in list_checkpoints(self.directory) if p != path]
         hint = (f" Earlier checkpoints in {self.directory}: "
                 f"{', '.join(os.path.basename(p) for p in others)}; resume from one of them "
@@ -220,7 +456,18 @@ class TrainingCheckpoint(keras.callbacks.Callback):
                 "the flags the run was started with."
             )
         self._last_saved_step = self.global_step
+        # Restored from this folder: its saves continue this run. (A checkpoint of another
+        # folder does not make this folder's earlier checkpoints this run's.)
+        self._restore_called = os.path.realpath(os.path.dirname(path)) == os.path.realpath(
+            self.directory)
         return path
+
+    def release(self) -> None:
+        """Gives up the folder's lock (taken at the first write), e.g. to let another
+        process continue the run while this one lives on (a notebook)."""
+        if self._claimed and self._write_directory == self.directory:
+            lock_run_folder(self.directory).release()
+        self._claimed = False
 
     # Save ---------------------------------------------------------------------
 
@@ -231,6 +478,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         (a full disk: `OSError`, one line) removes what it left, so the
         previous checkpoint stays the latest and nothing is half-written.
         """
+        self.claim_folder()
         step = self.global_step
         prefix = f"{CHECKPOINT_NAME}-{step}"
         recorded = list_checkpoints(self._write_directory)
@@ -261,8 +509,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         `<prefix>_temp` folder, a temporary state file), unless the state file
         already records it as complete."""
         directory = self._write_directory
-        if not os.path.isdir(directory) or any(
-                os.path.basename(p) == prefix for p in list_checkpoints(directory)):
+        if not os.path.isdir(directory) or prefix in (_state_entries(directory)[0] or []):
             return
         for name in os.listdir(directory):
             if (name == prefix + "_temp" or name.startswith(prefix + ".")
@@ -286,6 +533,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
 
     def on_train_begin(self, logs=None):
+        self.claim_folder()  # before the first step: a refused folder costs no training
         self.interrupted = None
         self._signal = None
         if self.handle_signals:

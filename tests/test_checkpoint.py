@@ -7,6 +7,7 @@ seed, weight for weight.
 
 import hashlib
 import os
+import re
 import signal
 import sys
 
@@ -200,6 +201,123 @@ def test_signal_saves_and_stops_after_the_current_step(images, tmp_path, signum)
         "ckpt-6", "ckpt-10"]
     assert len(history["loss"]) == 2  # stopped in the second epoch
     assert signal.getsignal(signum) == previous  # handlers restored
+
+
+@pytest.fixture(scope="module")
+def two_epochs(images, tmp_path_factory):
+    """A folder with the checkpoints of 2 epochs (ckpt-6, ckpt-12), written once."""
+    directory = tmp_path_factory.mktemp("two_epochs") / "ck"
+    model, checkpoint, make_dataset, _ = _setup(images, "simclr", directory, every_n_steps=0)
+    emc2_tf.fit_with_checkpoints(model, make_dataset, 2, checkpoint, verbose=0)
+    checkpoint.release()
+    return directory
+
+
+def _checkpoint_digest(directory):
+    """SHA-256 of every checkpoint file (`ckpt-*`, the state file), by name."""
+    return {name: digest for name, digest in _digest(directory).items()
+            if name.startswith("ckpt-") or name == "checkpoint"}
+
+
+_STATE_DAMAGE = {
+    # name: (what is done to the state file, the problem the one line must name)
+    "garbage": (lambda state: state.write_text("garbage here\n"), "does not parse"),
+    "binary": (lambda state: state.write_bytes(bytes(range(256))), "does not parse (not text)"),
+    "empty": (lambda state: state.write_text(""), "names no checkpoint"),
+    "deleted": (lambda state: state.unlink(), "is missing"),
+    # A kill between writing ckpt-12 and recording it: the state still names ckpt-6.
+    "behind": (lambda state: state.write_text(
+        'model_checkpoint_path: "ckpt-6"\nall_model_checkpoint_paths: "ckpt-6"\n'),
+        "names ckpt-6 as the latest, but ckpt-12 on disk is newer"),
+    # The latest it names is gone (its files deleted or never complete).
+    "ahead": (lambda state: state.write_text(
+        'model_checkpoint_path: "ckpt-18"\nall_model_checkpoint_paths: "ckpt-12"\n'
+        'all_model_checkpoint_paths: "ckpt-18"\n'),
+        "names ckpt-18 as the latest, but none of its files is on disk"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_STATE_DAMAGE))
+def test_a_state_file_that_disagrees_stops_restore_and_nothing_is_lost(
+        images, two_epochs, tmp_path, damage):
+    """The `checkpoint` state file garbled, binary, empty, deleted, behind or ahead
+    of the ckpt-* files: `restore()` raises one line naming the checkpoints on disk
+    and the newest's path, TensorFlow logs nothing, every checkpoint file stays
+    byte-identical, and after an explicit `restore(path)` the run saves on
+    without deleting or overwriting the earlier checkpoints.
+
+    Bugs caught (issue 19): a garbled or deleted state file made `--resume` start
+    at step 0 ("no checkpoint yet") and overwrite the run; TensorFlow's four
+    ParseError warnings; `list_checkpoints` read only the state file (so saw
+    nothing); an empty state file made the CheckpointManager raise a traceback.
+    """
+    import logging
+    import shutil
+
+    directory = tmp_path / "ck"
+    shutil.copytree(two_epochs, directory)
+    action, problem = _STATE_DAMAGE[damage]
+    action(directory / "checkpoint")
+    before = _checkpoint_digest(directory)
+    assert [os.path.basename(p) for p in list_checkpoints(str(directory))] == [
+        "ckpt-6", "ckpt-12"]  # found from the files, whatever the state file says
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        model, checkpoint, make_dataset, _ = _setup(images, "simclr", directory,
+                                                    every_n_steps=0)
+        with pytest.raises(emc2_tf.CheckpointStateError) as error:
+            checkpoint.restore()
+        # Without a restore, the folder is an earlier run's: fit refuses before step 1.
+        with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run"):
+            emc2_tf.fit_with_checkpoints(model, make_dataset, 3, checkpoint, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 0
+        assert _checkpoint_digest(directory) == before
+        # The explicit choice continues the run (a save at step 13 here, as a step would
+        # write); the earlier checkpoints stay as they were.
+        assert checkpoint.restore(str(directory / "ckpt-12")).endswith("ckpt-12")
+        model.optimizer.iterations.assign(13)
+        assert checkpoint.save() == str(directory / "ckpt-13")
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+        checkpoint.release()
+    message = str(error.value)
+    assert message == (f"{directory}: ckpt-6, ckpt-12 on disk; its state file "
+                       f"{directory / 'checkpoint'} {problem}; restore one explicitly by its "
+                       f"path (the newest complete one is {directory / 'ckpt-12'}).")
+    assert [r.getMessage() for r in records] == []  # no ParseError / "Checkpoint ignored"
+    earlier = {k: v for k, v in before.items() if k.startswith("ckpt-")}
+    assert {k: v for k, v in _checkpoint_digest(directory).items()
+            if k.startswith("ckpt-") and not k.startswith("ckpt-13")} == earlier
+    assert emc2_tf.latest_checkpoint(str(directory)) == str(directory / "ckpt-13")
+
+
+def test_a_checkpoint_never_saves_into_an_earlier_run_it_did_not_restore(images, two_epochs,
+                                                                         tmp_path):
+    """A TrainingCheckpoint on a folder holding another run's checkpoints, not restored
+    from it, refuses `fit` before the first step and `save`; nothing is written.
+
+    Bug caught: a fresh run's saves overwrote the earlier run's ckpt-6/ckpt-12
+    (same step numbers) and its CheckpointManager deleted the ones its state file
+    listed (keep).
+    """
+    import shutil
+
+    directory = tmp_path / "ck"
+    shutil.copytree(two_epochs, directory)
+    before = _checkpoint_digest(directory)
+    model, checkpoint, make_dataset, _ = _setup(images, "simclr", directory, every_n_steps=0)
+    expected = (f"{directory} holds checkpoints of an earlier run (ckpt-6, ckpt-12 on disk; "
+                "the latest ckpt-12), and none was restored")
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        emc2_tf.fit_with_checkpoints(model, make_dataset, 2, checkpoint, verbose=0)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        checkpoint.save()
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert _checkpoint_digest(directory) == before and (directory / "checkpoint").is_file()
+    checkpoint.release()
 
 
 if __name__ == "__main__":
