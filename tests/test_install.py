@@ -13,6 +13,7 @@ can be imported.
 
 import ast
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -187,6 +188,50 @@ def test_console_scripts_run_the_absl_clis(installed):
     assert evaluate.stdout.startswith("Evaluate a trained encoder")
     assert "Try --helpfull" in evaluate.stdout
     assert export.stdout.startswith("Export a training run's encoder")
+
+
+#: Runs a console script as Python runs a script (`__main__`), once per flag in
+#: argv[2:], and prints one JSON line per run: its exit status and stdout.
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+script = sys.argv[1]
+for flag in sys.argv[2:]:
+    sys.argv, out, status = [script, flag], io.StringIO(), None
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            status = stop.code
+    print(json.dumps({"flag": flag, "status": status, "stdout": out.getvalue()}))
+"""
+
+
+def test_console_scripts_short_help_lists_the_programs_flags(installed):
+    """Bug caught: `emc2-export --help`, `emc2-evaluate --help` and `emc2-train
+    --helpshort` listed no flags. absl's short help lists the flags of the
+    module named `sys.argv[0]`, which for a console script is pip's wrapper
+    (it defines none), and flags defined in a shared helper (`--checkpoint_dir`
+    in trainers.common, every training flag in trainers.run_flags) were
+    missing even from `python -m trainers.<name> --help`. Each installed
+    script, run with `--help` and then `--helpshort` (one process per script),
+    must list its own flags, and only those (no absl `--verbosity`)."""
+    expected = {"emc2-train": ["--checkpoint_dir", "--method", "--temperature"],
+                "emc2-evaluate": ["--checkpoint_dir", "--saved_model", "--output_json"],
+                "emc2-export": ["--checkpoint", "--checkpoint_dir", "--export_dir"]}
+    processes = {script: subprocess.Popen(
+        [installed["python"], "-c", HELP_DRIVER, str(installed["scripts"] / script),
+         "--help", "--helpshort"], cwd=installed["cwd"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=_environment()) for script in expected}
+    for script, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, (script, stderr[-3000:])
+        runs = [json.loads(line) for line in stdout.splitlines()]
+        assert [run["flag"] for run in runs] == ["--help", "--helpshort"], stdout[-3000:]
+        for run in runs:
+            assert run["status"] == 0, (script, run)
+            listed = re.findall(r"^  (--(?:\[no\])?\w+)", run["stdout"], re.M)
+            assert set(expected[script]) <= set(listed), (script, run["flag"], listed)
+            assert "--verbosity" not in listed, (script, run["flag"])
 
 
 def test_readme_python_example_runs_with_the_installed_package(installed):
