@@ -17,17 +17,21 @@ updated identically everywhere, and each replica folds its id into its seed.
 
 `multi_worker` reads the cluster from `TF_CONFIG` (see the README's recipe for
 two workers on one machine or several hosts). If a worker does not answer
-within `worker_timeout` seconds, the process is terminated with a one-line
-error naming it (TensorFlow's cluster start-up holds the GIL and cannot be
-interrupted from Python), and collectives time out instead of hanging.
+within `worker_timeout` seconds, the process ends with exit status 2 and a
+one-line error naming it (TensorFlow's cluster start-up holds the GIL and
+cannot be interrupted from Python), and collectives time out instead of
+hanging.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
+from typing import Callable
 
 import tensorflow as tf
 
@@ -91,11 +95,14 @@ def read_tf_config() -> tuple[list[str], int]:
 
 
 #: Run in a separate process: TensorFlow holds the GIL while it joins the
-#: cluster, so a thread of the training process could not fire.
+#: cluster, so a thread of the training process could not fire. It prints the
+#: line, then sends SIGINT, which `_exit_on_sigint` turns into exit status 2;
+#: SIGKILL only if that handler is not installed or the process still lives 5 s on.
 _WATCHDOG = r"""
 import json, os, signal, socket, sys, time
-parent, timeout, workers, task_index = (
-    int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]))
+parent, timeout, workers, task_index, exits_on_sigint = (
+    int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]),
+    sys.argv[5] == "1")
 deadline = time.monotonic() + timeout
 while time.monotonic() < deadline:
     if os.getppid() != parent:
@@ -116,8 +123,37 @@ sys.stderr.write(
     f"within {timeout:g} s; start every worker listed in TF_CONFIG, check the addresses "
     "and firewall, or raise --worker_timeout.\n")
 sys.stderr.flush()
-os.kill(parent, signal.SIGKILL)  # TensorFlow handles SIGTERM itself and keeps waiting
+if exits_on_sigint:
+    os.kill(parent, signal.SIGINT)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and os.getppid() == parent:
+        time.sleep(0.05)
+if os.getppid() == parent:
+    os.kill(parent, signal.SIGKILL)  # TensorFlow handles SIGTERM itself and keeps waiting
 """
+
+
+def _exit_on_sigint() -> Callable[[], None] | None:
+    """Until the returned function is called, SIGINT ends this process at once with
+    exit status 2 (the status of a one-line error); None where that cannot be set up.
+
+    While TensorFlow joins a cluster it holds the GIL, so Python's own SIGINT
+    handler (KeyboardInterrupt) would never run. A C-level handler does: libc's
+    `_exit` itself, which a signal calls with the signal number, and SIGINT is 2.
+    The returned function puts the previous C-level handler back (Python's).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        exit_now = ctypes.cast(libc._exit, ctypes.c_void_p)
+        install = libc.signal
+    except (OSError, AttributeError):
+        return None
+    install.restype = ctypes.c_void_p
+    install.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    previous = install(signal.SIGINT, exit_now)
+    if previous == ctypes.c_void_p(-1).value:  # SIG_ERR
+        return None
+    return lambda: install(signal.SIGINT, previous)
 
 
 def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
@@ -131,11 +167,17 @@ def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
     is not ready in time. During training, collectives time out after
     `worker_timeout` (`CommunicationOptions`) and the strategy's health check
     aborts them when a peer dies.
+
+    Exit status 2 (issue 19: it was 137, a SIGKILL, which reads as a crash or the
+    out-of-memory killer): during the join SIGINT exits with status 2
+    (`_exit_on_sigint`), and the watchdog sends SIGINT; SIGKILL stays its
+    fallback. A Ctrl-C during the join now ends it too.
     """
     workers, task_index = read_tf_config()
+    restore_sigint = _exit_on_sigint()
     watchdog = subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(worker_timeout),
-         json.dumps(workers), str(task_index)],
+         json.dumps(workers), str(task_index), "1" if restore_sigint else "0"],
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -144,6 +186,8 @@ def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
     finally:
         watchdog.kill()
         watchdog.wait()
+        if restore_sigint:  # after the watchdog is gone: its SIGINT cannot come later
+            restore_sigint()
 
 
 def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.distribute.Strategy:
