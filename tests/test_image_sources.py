@@ -334,3 +334,9 @@ def test_folder_fingerprint_follows_the_file_list(tmp_path):
     assert len(seen) == 4
     assert ArraySource(np.zeros((3, 4, 4, 1), np.uint8)).fingerprint() != ArraySource(
         np.zeros((4, 4, 4, 1), np.uint8)).fingerprint()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
