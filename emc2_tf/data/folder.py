@@ -50,14 +50,15 @@ _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM
 
 
 def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _image_files(folder: str, relative_to: str, recursive: bool) -> list[tuple[str, int]]:
     """`(relative path with '/', size in bytes)` of the image files in `folder`.
 
-    Recursive: descends into sub-folders (not into hidden ones, nor symbolic
-    links to folders, as Keras' `follow_links=False`).
+    Hidden names (starting with ".") are skipped. Recursive: descends into
+    sub-folders (not into symbolic links to folders, as Keras'
+    `follow_links=False`).
     """
     found = []
     with os.scandir(folder) as entries:
@@ -201,14 +202,15 @@ class ImageFolderSource(ImageSource):
         self.labels = (None if self.class_names is None
                        else np.array([label for _, label, _ in files], np.int64))
         self._fingerprint = fingerprint_of(
-            [f"folder {self.num_images}"] + [f"{relative}\t{nbytes}" for relative, _, nbytes in files])
+            [f"folder {self.num_images}"]
+            + [f"{relative}\t{nbytes}" for relative, _, nbytes in files])
         self.image_shape = (*(size or first[:2]), channels or (1 if first[2] <= 2 else 3))
         self.dtype = tf.uint8
         self._paths = tf.constant([self.path(i) for i in range(self.num_images)])
 
     # -- scanning ---------------------------------------------------------
 
-    def _scan(self, directory: str) -> tuple[list[tuple[str, int, int]], tuple[str, ...] | None, int]:
+    def _scan(self, directory: str) -> tuple[list, tuple[str, ...] | None, int]:
         """`([(relative path, label, bytes)], class names or None, ignored count)`,
         sorted by (class, relative path)."""
         top = _image_files(directory, directory, recursive=False)

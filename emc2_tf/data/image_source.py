@@ -44,7 +44,8 @@ def fingerprint_of(parts: Iterable[str]) -> str:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1):
         raise ValueError(f"batch_size must be an integer ≥ 1; got {batch_size!r}.")
     return int(batch_size)
 
