@@ -424,7 +424,7 @@ class _PositionZeroCase:
                 model.chain_index.numpy(), model.chain_log_score.numpy())
 
     def reference(self, options):
-        """`(loss, scan)` of the float64 reference, the stored negatives re-encoded from the table."""
+        """`(loss, scan)` of the float64 reference (stored negatives re-encoded from the table)."""
         beta, b = 1.0 / self.temperature, len(self.index)
         logits = beta * self.views @ self.views.T
         anchor_logits = np.stack([logits[:b], logits[b:]])

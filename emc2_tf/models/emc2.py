@@ -206,7 +206,9 @@ class EMC2Model(ContrastiveModel):
         waste_recycling: each recorded step adds `α f(candidate) + (1 − α)
             f(current state)`, α its MH acceptance probability, instead of
             `f(state after the step)`: the same expectation and a lower
-            variance, at no extra compute (beyond the paper; default on).
+            total variance of the gradient (its sum over coordinates; single
+            coordinates can rise, `benchmarks/recycling_variance.py`), at no
+            extra compute (beyond the paper; default on).
         scan: how the MH scan runs, with identical results draw for draw:
             "sequential" (2B dependent steps per pass), "parallel" (pointer
             doubling: O(log B) rounds, O(B³) work and O(B·(2B)²) memory),
@@ -425,7 +427,8 @@ class EMC2Model(ContrastiveModel):
         a stored state) or adds nothing while still counting in the
         normaliser (`"drop"`, the official estimator). With waste recycling
         step k adds `α_k f(candidate_k) + (1 − α_k) f(state before k)`
-        instead of `f(state after k)`: the same expectation, lower variance.
+        instead of `f(state after k)`: the same expectation, a lower total
+        variance (not per coordinate: `benchmarks/recycling_variance.py`).
         """
         if out_of_batch_logits is None:
             out_of_batch_logits = tf.zeros_like(anchor_logits[..., 0])
