@@ -23,7 +23,10 @@ Under a distribution strategy each replica runs the chains of its own b
 images, over the candidates of the global batch (all replicas' 2B views,
 all-gathered with gradient), with its own random stream (replica id folded
 into the seed); the replicas' chain updates are all-gathered and written
-identically everywhere (`ContrastiveModel.update_sample_state`).
+identically everywhere (`ContrastiveModel.update_sample_state`). Evaluation
+draws each held-out chain's uniforms from the seed and the global batch
+(`ContrastiveModel.evaluation_uniform`), so `evaluate` gives the same value
+on any number of replicas.
 """
 
 from __future__ import annotations
