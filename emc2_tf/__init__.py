@@ -12,8 +12,11 @@ from emc2_tf.batch_selection import (
 )
 from emc2_tf.data import (
     DEFAULT_FASHION_MNIST_DIR,
+    ArraySource,
     AugmentConfig,
     ImageDataset,
+    ImageFolderSource,
+    ImageSource,
     SimCLRAugment,
     from_arrays,
     load_dataset,

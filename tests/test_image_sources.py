@@ -348,3 +348,21 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+def test_benchmark_folder_probe_writes_and_reads_n_files(tmp_path):
+    """Catches benchmarks/image_sources.py measuring another folder than asked:
+    N files in 10 class folders written, all N scanned, images of the size asked."""
+    from benchmarks.image_sources import folder_probe, write_folder
+
+    write_folder(str(tmp_path), 30, 8)
+    assert sorted(os.listdir(tmp_path)) == [f"class_{i}" for i in range(10)]
+    row = folder_probe(str(tmp_path), batch=8, read_images=16)
+    assert (row["n"], row["image_shape"]) == (30, [8, 8, 3])
+    assert row["read_images_per_s"] > 0 and row["scan_s"] >= 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
