@@ -95,7 +95,8 @@ def test_array_source_read_inside_tf_data_does_not_embed_the_array():
 def test_folder_labels_order_and_lossless_pixels(tmp_path):
     """Catches wrong labels (classes = sorted sub-folders, label = position), an
     order other than (class, relative path) (files in nested folders included),
-    pixels that are not bit-identical for PNG, BMP and grey GIF, an ignored file
+    pixels that are not bit-identical for PNG, BMP and grey GIF, a file name
+    that is not UTF-8 (unreadable through a str tensor), an ignored file
     that is read (other extensions, hidden files and folders), and top-level
     images read in a class-folder tree (Keras ignores them)."""
     written = {}
@@ -113,15 +114,18 @@ def test_folder_labels_order_and_lossless_pixels(tmp_path):
     _write(tmp_path / ".hidden" / "h.png", _random((6, 5, 3), 5))
     _write(tmp_path / "c" / ".ipynb_checkpoints" / "x-checkpoint.png", _random((6, 5, 3), 5))
     _write(tmp_path / "top.png", _random((6, 5, 3), 6))
+    latin1 = os.fsdecode(b"\xe9t\xe9.png")  # not UTF-8: the name's bytes must still open it
+    written[f"c/{latin1}"] = _random((6, 5, 3), 8)
+    _write(tmp_path / "c" / latin1, written[f"c/{latin1}"])
 
     source = ImageFolderSource(str(tmp_path))
     assert source.files == ("a/sub/a.png", "a/z.bmp", "b/1.png", "b/10.PNG", "b/2.png",
-                            "b/3.gif", "c/x.png")
+                            "b/3.gif", "c/x.png", f"c/{latin1}")
     assert source.class_names == ("a", "b", "c") and source.ignored == 1
-    np.testing.assert_array_equal(source.labels, [0, 0, 1, 1, 1, 1, 2])
+    np.testing.assert_array_equal(source.labels, [0, 0, 1, 1, 1, 1, 2, 2])
     assert source.labels.dtype == np.int64
-    assert (source.num_images, source.image_shape, source.dtype) == (7, (6, 5, 3), tf.uint8)
-    index = [6, 0, 2, 1, 3, 5, 4, 0]
+    assert (source.num_images, source.image_shape, source.dtype) == (8, (6, 5, 3), tf.uint8)
+    index = [6, 0, 2, 1, 3, 5, 4, 0, 7]
     np.testing.assert_array_equal(_read(source, index),
                                   np.stack([written[source.files[i]] for i in index]))
 
@@ -296,7 +300,8 @@ def test_folder_skip_corrupt_counts_and_names_the_skipped_files(tmp_path):
 
 def test_folder_read_names_a_file_that_fails_to_decode_in_tf_data(tmp_path):
     """Catches a decode failure inside tf.data surfacing as TensorFlow's own error,
-    which does not name the file: `read_error` must name the path of the sample."""
+    which does not name the file: `read_error` must name the path of the sample,
+    and only for its own source's error (another source has other indices)."""
     for i in range(4):
         _write(tmp_path / f"{i}.png", _random((5, 5, 3), i))
     source = ImageFolderSource(str(tmp_path))
@@ -312,6 +317,8 @@ def test_folder_read_names_a_file_that_fails_to_decode_in_tf_data(tmp_path):
     assert message is not None and "\n" not in message
     assert message.startswith(f"image file {tmp_path / '2.png'} cannot be read or decoded")
     assert source.read_error(ValueError("something else")) is None
+    _write(tmp_path / "other" / "0.png", _random((5, 5, 3), 9))
+    assert ImageFolderSource(str(tmp_path / "other")).read_error(error.value) is None
 
 
 def test_folder_fingerprint_follows_the_file_list(tmp_path):

@@ -157,7 +157,8 @@ class ImageFolderSource(ImageSource):
             "bilinear", antialias=True)`: an area-weighted filter when
             shrinking), rounded back to uint8; the aspect ratio is not kept.
         channels: 1 or 3. Default: the first image's (grey or grey+alpha → 1,
-            RGB or RGBA → 3; GIFs decode as RGB). Grey files in a 3-channel
+            RGB or RGBA → 3; GIFs decode as RGB, animated ones as their first
+            frame; 16-bit PNGs are scaled to 8 bits). Grey files in a 3-channel
             source are repeated on the 3 channels; RGB files in a 1-channel
             source become grey with `tf.image.rgb_to_grayscale`'s weights,
             rounded; alpha is dropped.
@@ -206,7 +207,8 @@ class ImageFolderSource(ImageSource):
             + [f"{relative}\t{nbytes}" for relative, _, nbytes in files])
         self.image_shape = (*(size or first[:2]), channels or (1 if first[2] <= 2 else 3))
         self.dtype = tf.uint8
-        self._paths = tf.constant([self.path(i) for i in range(self.num_images)])
+        # Bytes, not str: a file name that is not valid UTF-8 is read all the same.
+        self._paths = tf.constant([os.fsencode(self.path(i)) for i in range(self.num_images)])
 
     # -- scanning ---------------------------------------------------------
 
@@ -351,22 +353,22 @@ class ImageFolderSource(ImageSource):
         failed = tf.sets.difference(tf.range(count)[None], positions[None]).values[:1]
         check = tf.debugging.Assert(
             tf.shape(positions, out_type=tf.int64)[0] == count,
-            [UNREADABLE_FILE_MESSAGE, tf.gather(index, failed), tf.gather(paths, failed)],
+            [UNREADABLE_FILE_MESSAGE, f"source {self._fingerprint}", tf.gather(index, failed),
+             tf.gather(paths, failed)],
             summarize=1)
         with tf.control_dependencies([check]):
             return tf.ensure_shape(tf.identity(images), [index.shape[0], *self.image_shape])
 
     def read_error(self, error: BaseException) -> str | None:
-        """One line naming the file for the error `read` raised on an
-        unreadable file (found by its sample index), else None."""
-        text = str(error)
-        if UNREADABLE_FILE_MESSAGE not in text:
+        """One line naming the file for the error this source's `read` raised on
+        an unreadable file (found by its sample index), else None (another
+        error, or another source's: the assertion carries the fingerprint)."""
+        # The assertion's data follow the marker: the fingerprint, the index, the path.
+        match = re.search(re.escape(UNREADABLE_FILE_MESSAGE) + r".{0,8}?source ([0-9a-f]{16})"
+                          r"\D{0,8}?(\d+)", str(error), re.S)
+        if match is None or match.group(1) != self._fingerprint:
             return None
-        # The assertion's data follow the marker: the sample index, then the path.
-        match = re.search(re.escape(UNREADABLE_FILE_MESSAGE) + r"\D{0,8}?(\d+)", text)
-        if match is None or int(match.group(1)) >= self.num_images:
-            return None
-        path = self.path(int(match.group(1)))
+        path = self.path(int(match.group(2)))
         return (f"image file {path} cannot be read or decoded: it is damaged inside (the "
                 "scan checks only its first and last bytes), or it changed or went away after "
                 "the folder was scanned; replace or delete it.")
