@@ -141,6 +141,8 @@ def test_folder_labels_order_and_lossless_pixels(tmp_path):
     np.testing.assert_array_equal(pixels[1], np.full((6, 5, 3), 77))  # grey GIF: exact
     assert np.abs(pixels[0].astype(int) - colour).max() <= 3  # JPEG: lossy, a flat colour
     assert sorted(IMAGE_EXTENSIONS) == [".bmp", ".gif", ".jpeg", ".jpg", ".png"]
+    _write(tmp_path / "latin1" / latin1, _random((3, 2), 1))  # the first file is decoded in full
+    assert ImageFolderSource(str(tmp_path / "latin1")).image_shape == (3, 2, 1)
 
 
 def test_folder_matches_channels_and_resizes(tmp_path):

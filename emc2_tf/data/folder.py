@@ -46,7 +46,6 @@ UNREADABLE_FILE_MESSAGE = "emc2_tf: unreadable image file"
 SKIPPED_SHOWN = 5
 
 _EXTENSIONS_TEXT = " ".join(IMAGE_EXTENSIONS) + " (case-insensitive)"
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
 
 
 def _is_image_name(name: str) -> bool:
@@ -103,7 +102,8 @@ def _decoded_shape(path: str) -> tuple[int, int, int] | None:
     """`(height, width, channels)` as TensorFlow decodes the file (the decoder
     `read` uses), or None when it cannot."""
     try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
+        data = tf.io.read_file(os.fsencode(path))  # bytes: any file name
+        image = tf.io.decode_image(data, channels=0, expand_animations=False)
     except (tf.errors.OpError, ValueError):
         return None
     return tuple(int(d) for d in image.shape)
