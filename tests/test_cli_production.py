@@ -9,7 +9,10 @@ compared by the trainer's SHA-256 `state_digest`.
 
 import hashlib
 import os
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,10 +52,10 @@ def _latest_step(directory):
     return int(first.rsplit("ckpt-", 1)[1].strip().strip('"')) if "ckpt-" in first else -1
 
 
-def _start_training(tmp):
+def _start_training(tmp, name="ck"):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.Popen(
-        [sys.executable, *TRAIN, f"--checkpoint_dir={tmp / 'ck'}", "--tensorboard_dir="],
+        [sys.executable, *TRAIN, f"--checkpoint_dir={tmp / name}", "--tensorboard_dir="],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -65,18 +68,29 @@ def _wait_for_checkpoint(process, directory, at_least, timeout=240):
 
 
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    """Also (issue 19): while the trainer runs, a second process is refused the
+    folder, naming the trainer's pid and host; after the SIGKILL its leftover lock
+    file does not block the resume, and a killed save's `ckpt-N_temp/` is removed."""
+    import emc2_tf
+
     _, expected = reference
     process = _start_training(tmp_path)
     try:
         _wait_for_checkpoint(process, tmp_path / "ck", 25)  # epoch 2, step 3
+        with pytest.raises(emc2_tf.FolderInUseError,
+                           match=f"in use by pid {process.pid} on host {socket.gethostname()} "):
+            emc2_tf.lock_run_folder(str(tmp_path / "ck"))
         process.kill()  # SIGKILL: no handler runs, nothing is flushed
     finally:
         process.kill()
         process.communicate()
     killed_at = _latest_step(tmp_path / "ck")
     assert 25 <= killed_at < EPOCHS * STEPS
+    assert f'"pid": {process.pid},' in (tmp_path / "ck" / ".lock").read_text()  # stale
+    (tmp_path / "ck" / f"ckpt-{killed_at + 1}_temp").mkdir()  # what a kill mid-save leaves
     result = _train(tmp_path, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "ck" / f"ckpt-{killed_at + 1}_temp").exists()
     summary = parse_summary(result.stdout)
     assert summary["resumed_from"].endswith(f"ckpt-{killed_at}")
     epoch, step = divmod(killed_at, STEPS)
@@ -90,10 +104,16 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(reference, t
 
 
 def test_sigterm_saves_at_the_current_step_and_resume_matches(reference, tmp_path):
+    """The run folder's name holds a space: the printed resume command, run as
+    printed (split as a shell splits it), continues the run.
+
+    Bug caught (issue 19): the printed command was not shell-quoted, so the
+    folder's name split into two arguments."""
     _, expected = reference
-    process = _start_training(tmp_path)
+    directory = tmp_path / "run dir"
+    process = _start_training(tmp_path, name="run dir")
     try:
-        _wait_for_checkpoint(process, tmp_path / "ck", 5)
+        _wait_for_checkpoint(process, directory, 5)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -101,18 +121,86 @@ def test_sigterm_saves_at_the_current_step_and_resume_matches(reference, tmp_pat
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("train:")]
     assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0] and "--resume" in lines[0]
-    stopped_at = _latest_step(tmp_path / "ck")
+    stopped_at = _latest_step(directory)
     assert f"ckpt-{stopped_at}" in lines[0] and 5 <= stopped_at < EPOCHS * STEPS
-    result = _train(tmp_path, "--resume")
+    printed = shlex.split(lines[0].split("continue with: ", 1)[1])
+    assert printed == ["python", "-m", "trainers.train", "--resume",
+                       f"--checkpoint_dir={directory}"]
+    result = run_python(printed[1:])  # the run's flags.txt supplies the rest
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert summary["resumed_from"].endswith(f"ckpt-{stopped_at}")
     assert summary["state_digest"] == expected["state_digest"]
 
 
-def _digest(directory):
+def _digest(directory, lock=False):
+    """SHA-256 of every file in `directory` by name; the lock file (which each run
+    that takes the folder rewrites) only with `lock`."""
     return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
-            for name in sorted(os.listdir(directory)) if (directory / name).is_file()}
+            for name in sorted(os.listdir(directory))
+            if (directory / name).is_file() and (lock or name != ".lock")}
+
+
+def _one_error(result, program):
+    """The one `<program>: error:` line of a refused run (exit 2, no traceback, no
+    TensorFlow checkpoint warnings)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"{program}: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"{program}: error: "), result.stderr[-3000:]
+    for noise in ("Traceback", "ParseError", "Checkpoint ignored"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_damaged_state_file_stops_every_program_and_loses_nothing(reference, tmp_path,
+                                                                   capsys):
+    """A garbled `checkpoint` state file beside ckpt-60, ckpt-65, ckpt-66: `--resume`,
+    a new run, `evaluate` (and, the state file deleted, `export`) each stop with one
+    line naming the checkpoints on disk and the flag that picks one; every file
+    stays byte-identical.
+
+    Bugs caught (issue 19): `--resume` logged four ParseError warnings, then
+    started at step 0 with rc 0 and overwrote the run; a new run was not
+    refused (the guard read only the state file); evaluate/export said the
+    folder "holds no checkpoint yet".
+    """
+    directory = tmp_path / "ck"
+    shutil.copytree(reference[0] / "ck", directory)
+    (directory / "checkpoint").write_text("garbage\n")
+    before = _digest(directory)
+    newest = directory / "ckpt-66"
+    found = (f"ckpt-60, ckpt-65, ckpt-66 on disk; its state file {directory / 'checkpoint'} "
+             "does not parse")
+    line = _one_error(run_python([*TRAIN, f"--checkpoint_dir={directory}", "--resume"]), "train")
+    assert line.startswith(f"train: error: --resume: in --checkpoint_dir={directory}: {found}. "
+                           ), line
+    assert f"continue from ckpt-66 with --resume_from={newest} " in line, line
+    assert _digest(directory) == before
+    line = _one_error(run_python([*TRAIN, f"--checkpoint_dir={directory}",
+                                  "--tensorboard_dir="]), "train")
+    assert (f"--checkpoint_dir={directory} holds checkpoints of an earlier run ({found}); pass "
+            f"--resume_from={newest} to continue it") in line, line
+    assert _digest(directory) == before
+    line = _one_error(run_python(["-m", "trainers.evaluate", f"--checkpoint_dir={directory}",
+                                  "--linear_probe=false"]), "evaluate")
+    assert line == (f"evaluate: error: --checkpoint_dir={directory}: {found}; choose one with "
+                    f"--checkpoint={newest} (the newest complete one) or another ckpt-N on "
+                    "disk."), line
+    # The state file deleted: export's loader (evaluate's too), in this process to spare
+    # a TensorFlow start-up.
+    from trainers.common import load_trained_run
+
+    (directory / "checkpoint").unlink()
+    before = _digest(directory)
+    with pytest.raises(SystemExit) as exit_code:
+        load_trained_run("export", str(directory), None)
+    assert exit_code.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (f"export: error: --checkpoint_dir={directory}: ckpt-60, ckpt-65, ckpt-66 on "
+                    f"disk; its state file {directory / 'checkpoint'} is missing; choose one "
+                    f"with --checkpoint={newest} (the newest complete one) or another ckpt-N "
+                    "on disk."), line
+    assert _digest(directory) == before
 
 
 def test_corrupt_checkpoint_is_one_line_and_the_good_ones_stay(reference, tmp_path):
@@ -145,7 +233,8 @@ def test_run_folder_guards_and_flagfile_repeat_the_run(reference, tmp_path):
     # A second run into a folder with checkpoints is refused, naming the ways out.
     result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--tensorboard_dir="])
     assert result.returncode == 2
-    assert "holds checkpoints of an earlier run (latest ckpt-66); pass --resume" in result.stderr
+    assert ("holds checkpoints of an earlier run (ckpt-60, ckpt-65, ckpt-66 on disk; the latest "
+            "ckpt-66); pass --resume") in result.stderr
     # A bad flag is reported as such, even in a folder holding checkpoints (what a
     # user who ran `make demo` first sees with the default --checkpoint_dir).
     result = run_python([*TRAIN, f"--checkpoint_dir={ref_dir / 'ck'}", "--tensorboard_dir=",
@@ -169,14 +258,33 @@ def test_run_folder_guards_and_flagfile_repeat_the_run(reference, tmp_path):
     # --overwrite starts afresh in the same folder (and ends the same), and
     # replaces the earlier run's TensorBoard logs (a copy of the reference's):
     # kept, TensorBoard would draw both runs' curves as one, each step twice.
-    import shutil
-
+    # It deletes every checkpoint file, also those a garbled state file does not
+    # list (ckpt-61, a step this run never writes); and while another process
+    # holds the folder (this one) it is refused before anything is deleted.
     import emc2_tf
 
     shutil.copytree(ref_dir / "tb", tmp_path / "tb")
-    result = run_python([*TRAIN, f"--checkpoint_dir={tmp_path / 'ck'}", "--overwrite",
-                         f"--tensorboard_dir={tmp_path / 'tb'}", "--model_name=ref"])
+    ck = tmp_path / "ck"
+    for name in os.listdir(ck):
+        if name.startswith("ckpt-60."):
+            shutil.copy(ck / name, ck / name.replace("ckpt-60", "ckpt-61"))
+    (ck / "checkpoint").write_text("garbage\n")
+    overwrite = [*TRAIN, f"--checkpoint_dir={ck}", "--overwrite",
+                 f"--tensorboard_dir={tmp_path / 'tb'}", "--model_name=ref"]
+    lock = emc2_tf.lock_run_folder(str(ck))
+    try:
+        before, logs = _digest(ck, lock=True), sorted(os.listdir(tmp_path / "tb" / "ref"))
+        line = _one_error(run_python(overwrite), "train")
+        assert line.startswith(f"train: error: --checkpoint_dir={ck} is in use by pid "
+                               f"{os.getpid()} on host {socket.gethostname()} (started "), line
+        assert "nothing was written" in line, line
+        assert _digest(ck, lock=True) == before
+        assert sorted(os.listdir(tmp_path / "tb" / "ref")) == logs
+    finally:
+        lock.release()
+    result = run_python(overwrite)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not [name for name in os.listdir(ck) if name.startswith("ckpt-61")]
     summary = parse_summary(result.stdout)
     assert summary["resumed_from"] is None and summary["state_digest"] == expected["state_digest"]
     scalars = emc2_tf.read_scalars(str(tmp_path / "tb" / "ref"))

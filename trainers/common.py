@@ -223,7 +223,15 @@ def load_trained_run(program: str, directory: str, checkpoint: str | None):
 
 def restore_trained(program: str, run: Run, directory: str, checkpoint: str | None) -> str:
     """Restores a run's checkpoint (the latest, or `checkpoint`) into `run.model`; returns its
-    path. A checkpoint whose encoder holds NaN or inf is refused in one line."""
+    path. A checkpoint whose encoder holds NaN or inf is refused in one line.
+
+    The latest is `emc2_tf.latest_checkpoint`: the newest complete checkpoint on
+    disk, when the state file names it. A state file that is missing, damaged or
+    disagrees is one line naming the checkpoints on disk and `--checkpoint=` to
+    choose one (before: "holds no checkpoint yet" beside ckpt-* files).
+    """
+    import shlex
+
     import emc2_tf
     from emc2_tf.safety import check_finite_variables
 
@@ -231,6 +239,11 @@ def restore_trained(program: str, run: Run, directory: str, checkpoint: str | No
         directory, run.model, steps_per_epoch=1, handle_signals=False)
     try:
         path = saver.restore(checkpoint, check_steps_per_epoch=False)
+    except emc2_tf.CheckpointStateError as error:  # issue 19: the state file is only a hint
+        choose = (f"choose one with {shlex.quote('--checkpoint=' + error.on_disk[-1])} (the "
+                  "newest complete one) or another ckpt-N on disk" if error.on_disk
+                  else "there is nothing to load")
+        fail(program, f"--checkpoint_dir={directory}: {error.summary}; {choose}.")
     except emc2_tf.CheckpointError as error:
         fail(program, str(error))
     if path is None:

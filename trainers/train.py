@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -100,18 +101,89 @@ def take_saved_flags(directory: str) -> None:
             FLAGS[name].value = saved[name].value
 
 
-def remove_checkpoints(directory: str) -> None:
-    """`--overwrite`: deletes an earlier run's checkpoints and flags.txt (nothing else)."""
-    import emc2_tf
+def command(program: str, *args: str) -> str:
+    """`python -m trainers.<program> ARGS`, shell-quoted (a folder may hold spaces)."""
+    return shlex.join(["python", "-m", f"trainers.{program}", *args])
 
-    for prefix in emc2_tf.list_checkpoints(directory):
-        for name in os.listdir(directory):
-            if name.startswith(os.path.basename(prefix) + "."):
-                os.remove(os.path.join(directory, name))
+
+def lock_checkpoint_dir(directory: str) -> None:
+    """Makes this process the one writer of `--checkpoint_dir`, before anything is
+    written into it (issue 19: two trainers on one folder interleaved their
+    checkpoints). The lock is held until the process exits; the kernel releases it
+    when the process dies, so a killed run's leftover lock file never blocks its
+    resume. Also removes the `ckpt-<step>_temp` folders a killed save left."""
+    from emc2_tf.run_lock import FolderInUseError, lock_run_folder
+
+    try:
+        lock_run_folder(directory)
+    except FolderInUseError as error:
+        fail(f"--checkpoint_dir={error}; nothing was written. Stop that run first (SIGTERM "
+             "saves a checkpoint and exits) and continue it with --resume, or choose another "
+             "--checkpoint_dir.")
+    except OSError as error:
+        fail(f"--checkpoint_dir={directory}: cannot lock it for this run "
+             f"({error.strerror or error}).")
+
+
+def check_folder_is_free(directory: str) -> None:
+    """A new run (no --resume, no --overwrite) must not write into an earlier run's
+    checkpoints: found from the `ckpt-<step>.*` files, whatever the state file says
+    (issue 19: a damaged state file let a new run overwrite them)."""
+    import emc2_tf
+    from emc2_tf.checkpoint import checkpoint_summary
+
+    found = checkpoint_summary(directory)
+    if not found:
+        return
+    continue_it = "pass --resume to continue it"
+    try:
+        emc2_tf.latest_checkpoint(directory)
+    except emc2_tf.CheckpointStateError as error:
+        continue_it = (f"pass {shlex.quote('--resume_from=' + error.on_disk[-1])} to continue "
+                       "it from the newest complete one (--resume refuses a state file that "
+                       "disagrees with the files)" if error.on_disk else "nothing can resume it")
+    fail(f"--checkpoint_dir={directory} holds checkpoints of an earlier run ({found}); "
+         f"{continue_it}, --overwrite to delete them and start afresh, or choose another "
+         "--checkpoint_dir/--model_name.")
+
+
+def remove_checkpoints(directory: str) -> None:
+    """`--overwrite`: deletes the earlier run's checkpoint files (every `ckpt-<step>.*`,
+    found from the files, whatever the state file lists), its state file and
+    TensorFlow's temporary files, the workers' `.worker-N` folders and flags.txt;
+    nothing else (not the lock this process holds)."""
+    from emc2_tf.checkpoint import STATE_FILE, checkpoint_files
+
+    if not os.path.isdir(directory):
+        return
+    for name in checkpoint_files(directory):
+        os.remove(os.path.join(directory, name))
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if name in ("checkpoint", FLAGS_FILE) or name.startswith(".worker-"):
+        if (name in (STATE_FILE, FLAGS_FILE) or name.startswith(STATE_FILE + ".tmp")
+                or name.startswith(".worker-")):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def restore_to_resume(checkpoint, directory: str) -> str | None:
+    """`--resume`/`--resume_from`: restores the run's checkpoint; returns its path (None:
+    no checkpoint yet). A state file that is missing, damaged or disagrees with the
+    checkpoint files stops plain `--resume` in one line naming what is on disk and the
+    `--resume_from` that continues from the newest; nothing is written."""
+    import emc2_tf
+
+    try:
+        return checkpoint.restore(FLAGS.resume_from)
+    except emc2_tf.CheckpointStateError as error:
+        newest = error.on_disk[-1] if error.on_disk else None
+        way_out = (f"continue from {os.path.basename(newest)} with "
+                   f"{shlex.quote('--resume_from=' + newest)} (or another ckpt-N on disk), or "
+                   if newest else "")
+        fail(f"--resume: in --checkpoint_dir={directory}: {error.summary}. --resume continues "
+             "from the newest complete checkpoint only when the state file names it: "
+             f"{way_out}start afresh with --overwrite (deletes them). Nothing was written.")
+    except emc2_tf.CheckpointError as error:
+        fail(f"--resume: {error}")
 
 
 def check_name_is_free(name: str, tensorboard_dir: str | None) -> None:
@@ -190,13 +262,15 @@ def run() -> dict:
     check_warmup(PROGRAM, FLAGS)
     # After the flags, the strategy and the data are known to be valid (their
     # errors come first), before anything is built or written.
-    existing = emc2_tf.list_checkpoints(directory) if directory else []
-    if existing and not resume and not FLAGS.overwrite:
-        fail(f"--checkpoint_dir={directory} holds checkpoints of an earlier run (latest "
-             f"{os.path.basename(existing[-1])}); pass --resume to continue it, --overwrite to "
-             "delete them and start afresh, or choose another --checkpoint_dir/--model_name.")
     if not resume and not FLAGS.overwrite and chief:
         check_name_is_free(name, tensorboard_dir)
+    # The lock (it creates the folder) after every refusal that does not depend on the
+    # folder's contents; the contents are judged under it. Only the chief writes
+    # --checkpoint_dir (the other workers write .worker-N in it).
+    if directory and chief:
+        lock_checkpoint_dir(directory)
+    if directory and not resume and not FLAGS.overwrite:
+        check_folder_is_free(directory)
     built = build_run(PROGRAM, FLAGS, strategy, data)
     encoder, model, encoder_name = built.encoder, built.model, built.encoder_name
     temperature = model.temperature
@@ -231,25 +305,22 @@ def run() -> dict:
         shutil.rmtree(tensorboard_dir)  # the replaced run's curves would mix with this run's
     checkpoint, resumed_from = None, None
     if directory:
-        if FLAGS.overwrite and existing and chief:
+        if FLAGS.overwrite and not resume and chief:
             remove_checkpoints(directory)
         checkpoint = emc2_tf.TrainingCheckpoint(
             directory, model, steps_per_epoch, every_n_steps=FLAGS.checkpoint_every_steps,
             keep=FLAGS.keep_checkpoints, batch_order=batch_order,
         )
         if resume:
-            try:
-                resumed_from = checkpoint.restore(FLAGS.resume_from)
-            except emc2_tf.CheckpointError as error:
-                fail(f"--resume: {error}")
+            resumed_from = restore_to_resume(checkpoint, directory)
             done_epochs, done_steps = checkpoint.position
             if resumed_from and done_epochs >= FLAGS.epochs:
                 # Issue 13: a finished run; nothing is trained, written or exported again.
                 print(f"{PROGRAM}: nothing left to train: {resumed_from} ends epoch "
                       f"{done_epochs} (global step {checkpoint.global_step}) and --epochs="
                       f"{FLAGS.epochs}; nothing was trained, written or exported. Pass a larger "
-                      f"--epochs to train longer, or export it again with: python -m "
-                      f"trainers.export --checkpoint_dir={directory}", file=sys.stderr)
+                      f"--epochs to train longer, or export it again with: "
+                      f"{command('export', f'--checkpoint_dir={directory}')}", file=sys.stderr)
                 sys.exit(0)
         if chief:
             try:
@@ -298,6 +369,8 @@ def run() -> dict:
                 else "no checkpoint was written")
         fail(f"{error} Nothing non-finite was saved ({kept}) and nothing exported; fix the "
              "cause (e.g. a lower --learning_rate), then start afresh with --overwrite.")
+    except (emc2_tf.CheckpointError, emc2_tf.FolderInUseError) as error:
+        fail(str(error))  # the folder checks above come first; these are their backstop
     except OSError as error:  # e.g. a full disk while writing a checkpoint
         fail(str(error).splitlines()[0] if str(error) else repr(error))
     train_seconds = time.time() - train_started
@@ -306,7 +379,7 @@ def run() -> dict:
         latest = emc2_tf.list_checkpoints(directory)[-1] if chief else directory
         print(f"{PROGRAM}: interrupted by {signal.Signals(checkpoint.interrupted).name} at "
               f"epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved {latest}; continue with: "
-              f"python -m trainers.train --resume --checkpoint_dir={directory}",
+              f"{command('train', '--resume', f'--checkpoint_dir={directory}')}",
               file=sys.stderr)
         sys.exit(128 + checkpoint.interrupted)
 
@@ -355,8 +428,9 @@ def run() -> dict:
         except (OSError, ValueError) as error:
             fail(f"--export_dir={FLAGS.export_dir}: {error} The trained run is in "
                  f"{directory or '(no checkpoints)'}" + (
-                     f"; export it later with: python -m trainers.export "
-                     f"--checkpoint_dir={directory}" if directory else "."))
+                     f"; export it later with: "
+                     f"{command('export', f'--checkpoint_dir={directory}')}" if directory
+                     else "."))
     if FLAGS.projector and tensorboard_dir and chief:
         summary["projector"] = emc2_tf.export_projector(
             emc2_tf.embed(encoder, data.test_images), data.test_labels,
@@ -384,6 +458,9 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpfull).")
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.overwrite and (FLAGS.resume or FLAGS.resume_from is not None):
+        fail("--overwrite deletes the run that --resume/--resume_from continues; pass one of "
+             "them.")
     if FLAGS.resume or FLAGS.resume_from is not None:
         directory = (os.path.dirname(FLAGS.resume_from) if FLAGS.resume_from is not None
                      and not FLAGS["checkpoint_dir"].present else checkpoint_dir(FLAGS))
