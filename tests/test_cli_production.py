@@ -362,6 +362,9 @@ def test_evaluate_and_export_a_checkpoint(reference, tmp_path):
     ("evaluate", ["--saved_model=/nonexistent"], "is not a SavedModel folder"),
     ("export", ["--checkpoint_dir=/nonexistent"], "/nonexistent/flags.txt does not exist"),
     ("train", ["--resume", "--checkpoint_dir=/nonexistent"], "nothing to resume"),
+    # Issue 19: --overwrite deleted the checkpoints --resume was to continue.
+    ("train", ["--resume", "--overwrite", "--checkpoint_dir=/nonexistent"],
+     "--overwrite deletes the run that --resume/--resume_from continues; pass one of them."),
     ("train", ["--checkpoint_every_steps=-1"], "--checkpoint_every_steps must be ≥ 0"),
     ("train", ["--model_name=a/b"], "--model_name must be a plain folder name"),
 ])
