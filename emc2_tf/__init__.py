@@ -18,12 +18,14 @@ from emc2_tf.data import (
     ImageFolderSource,
     ImageSource,
     SimCLRAugment,
+    TFDSSource,
     from_arrays,
     load_dataset,
     load_digits,
     load_fashion_mnist,
     load_tfds,
     make_two_view_dataset,
+    prepare_tfds,
     subset_train,
 )
 from emc2_tf.distribute import (

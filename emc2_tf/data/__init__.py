@@ -6,6 +6,7 @@ from emc2_tf.data.folder import IMAGE_EXTENSIONS, ImageFolderSource
 from emc2_tf.data.image_source import ArraySource, ImageSource
 from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 from emc2_tf.data.pipeline import make_two_view_dataset
+from emc2_tf.data.tfds_source import TFDSSource, prepare_tfds
 from emc2_tf.data.sources import (
     DEFAULT_FASHION_MNIST_DIR,
     ImageDataset,

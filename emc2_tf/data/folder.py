@@ -321,10 +321,7 @@ class ImageFolderSource(ImageSource):
                 lambda: image[..., :1],
                 lambda: _round_to_uint8(tf.image.rgb_to_grayscale(
                     tf.cast(image[..., :3], tf.float32))))
-        same_size = tf.reduce_all(tf.shape(image)[:2] == [height, width])
-        image = tf.cond(same_size, lambda: image, lambda: _round_to_uint8(
-            tf.image.resize(image, [height, width], method="bilinear", antialias=True)))
-        return tf.ensure_shape(image, self.image_shape)
+        return tf.ensure_shape(resize_image(image, height, width), self.image_shape)
 
     def read(self, index: tf.Tensor) -> tf.Tensor:
         """Files `index` (int64 `[B]`) decoded as uint8 `[B, H, W, C]`.
@@ -372,6 +369,15 @@ class ImageFolderSource(ImageSource):
         return (f"image file {path} cannot be read or decoded: it is damaged inside (the "
                 "scan checks only its first and last bytes), or it changed or went away after "
                 "the folder was scanned; replace or delete it.")
+
+
+def resize_image(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """uint8 `[h, w, C]` (or a batch `[B, h, w, C]`) resized to `(height, width)`:
+    bilinear with antialiasing, rounded back to uint8, unchanged when already
+    that size. The one resize of the image sources (folder and TFDS)."""
+    same_size = tf.reduce_all(tf.shape(image)[-3:-1] == [height, width])
+    return tf.cond(same_size, lambda: image, lambda: _round_to_uint8(
+        tf.image.resize(image, [height, width], method="bilinear", antialias=True)))
 
 
 def _round_to_uint8(image: tf.Tensor) -> tf.Tensor:
