@@ -158,9 +158,13 @@ def checkpoint_files(directory: str) -> list[str]:
 def _state_entries(directory: str) -> tuple[list[str] | None, str | None]:
     """The state file's checkpoints (names `ckpt-<step>`, the latest last), or None and
     why it cannot be read. Parsed here, not by `tf.train.get_checkpoint_state`, which
-    logs two warnings and returns None for a damaged file (or raises for an empty one)."""
-    from google.protobuf import text_format
-    from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
+    logs two warnings and returns None for a damaged file (or raises for an empty one),
+    with the parser and message type TensorFlow's `CheckpointManager` reads it with (so
+    a file accepted here is accepted there)."""
+    from tensorflow.python.checkpoint import checkpoint_management
+
+    text_format = checkpoint_management.text_format  # protobuf's, as TensorFlow imports it
+    CheckpointState = checkpoint_management.CheckpointState
 
     path = os.path.join(directory, STATE_FILE)
     if not os.path.lexists(path):
