@@ -121,19 +121,21 @@ def check_dataset(dataset: tf.data.Dataset, dataset_size: int) -> tf.data.Datase
     def check_range(*element):
         data = element[0] if len(element) == 1 else element
         index = unpack_two_view_batch(data)[0]
-        checks = [
-            # A partial last batch (drop_remainder=False) can hold a single image.
-            tf.debugging.assert_greater_equal(
-                tf.shape(index)[0], 2, message=BATCH_SIZE_MESSAGE
-            ),
-            tf.debugging.assert_greater_equal(
-                index, tf.cast(0, index.dtype), message=INDEX_RANGE_MESSAGE
-            ),
-            tf.debugging.assert_less(
-                index, tf.cast(dataset_size, index.dtype), message=INDEX_RANGE_MESSAGE
-            ),
-        ]
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(index_checks(index, dataset_size)):
             return tf.nest.map_structure(tf.identity, element if len(element) > 1 else data)
 
     return dataset.map(check_range)
+
+
+def index_checks(index: tf.Tensor, dataset_size: int) -> list:
+    """The run-time checks of one batch's sample indices (`[B]`): B ≥ 2 and every
+    index in `[0, dataset_size)`, failing with `BATCH_SIZE_MESSAGE` or
+    `INDEX_RANGE_MESSAGE` (see `check_dataset`)."""
+    return [
+        # A partial last batch (drop_remainder=False) can hold a single image.
+        tf.debugging.assert_greater_equal(tf.shape(index)[0], 2, message=BATCH_SIZE_MESSAGE),
+        tf.debugging.assert_greater_equal(index, tf.cast(0, index.dtype),
+                                          message=INDEX_RANGE_MESSAGE),
+        tf.debugging.assert_less(index, tf.cast(dataset_size, index.dtype),
+                                 message=INDEX_RANGE_MESSAGE),
+    ]

@@ -151,6 +151,9 @@ class ArraySource(ImageSource):
             `ValueError` naming `name` (`emc2_tf.checks.check_images`).
         labels: int `[N]` class ids, or None.
         name: names the source in messages.
+        argument: names the images in the one-line errors of bad input
+            (default `"{name} images"`; e.g. `"images"` for a function's
+            argument).
 
     The array is not copied (uint8 and float inputs): `read` gathers the B
     requested rows with NumPy inside `tf.numpy_function`, so the data are
@@ -159,14 +162,16 @@ class ArraySource(ImageSource):
     array while a pipeline reads it.
     """
 
-    def __init__(self, images: Any, labels: Any = None, name: str = "arrays"):
+    def __init__(self, images: Any, labels: Any = None, name: str = "arrays",
+                 argument: str | None = None):
+        argument = argument or f"{name} images"
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4:
-            raise ValueError(f"{name}: images must have shape [N, H, W] or [N, H, W, C]; got "
+            raise ValueError(f"{argument} must have shape [N, H, W] or [N, H, W, C]; got "
                              f"{images.shape}.")
-        check_images(images, f"{name} images")
+        check_images(images, argument)
         if images.dtype != np.uint8 and np.issubdtype(images.dtype, np.integer):
             images = images.astype(np.uint8)  # 0..255, checked above
         self._images = images
@@ -195,3 +200,56 @@ class ArraySource(ImageSource):
         on every start would cost a full pass over it)."""
         return fingerprint_of(["array", str(self.num_images), str(self.image_shape),
                                self.dtype.name])
+
+
+class SubsetSource(ImageSource):
+    """Images `indices` of another source, as a source of `len(indices)` images.
+
+    Sample index `i` of the subset is image `indices[i]` of `source` (e.g. a
+    stratified `--train_size` subset of a folder: `emc2_tf.subset_train`).
+    Only the index table is held; reads go to `source`.
+
+    Args:
+        source: the source to take images from.
+        indices: int `[M]` positions in `[0, source.num_images)`.
+        name: names the subset in messages (default: the source's name).
+    """
+
+    def __init__(self, source: ImageSource, indices: Any, name: str | None = None):
+        indices = np.asarray(indices).reshape(-1)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise ValueError(f"indices must be integers; got dtype {indices.dtype}.")
+        if indices.size and (indices.min() < 0 or indices.max() >= source.num_images):
+            raise ValueError(f"indices must lie in [0, {source.num_images}) (the images of "
+                             f"{source.name}); got {indices.min()}..{indices.max()}.")
+        self.source = source
+        self.indices = indices.astype(np.int64)
+        self.name = name or source.name
+        self.num_images = len(self.indices)
+        self.image_shape = source.image_shape
+        self.labels = None if source.labels is None else source.labels[self.indices]
+        self.dtype = source.dtype
+        self._table = tf.constant(self.indices)  # M int64: the positions, not the images
+
+    def read(self, index: tf.Tensor) -> tf.Tensor:
+        return self.source.read(tf.gather(self._table, tf.cast(index, tf.int64)))
+
+    def to_float(self, batch: tf.Tensor) -> tf.Tensor:
+        return self.source.to_float(batch)
+
+    def fingerprint(self) -> str:
+        """The source's fingerprint and the chosen positions."""
+        digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]
+        return fingerprint_of(["subset", self.source.fingerprint(), digest])
+
+    def read_error(self, error: BaseException) -> str | None:
+        return self.source.read_error(error)
+
+
+def as_source(images: Any, argument: str = "images") -> ImageSource:
+    """`images` as an `ImageSource`: a source is returned as it is, an array is
+    wrapped in an `ArraySource` (no copy for uint8 and float arrays), its bad
+    input refused in one line naming `argument`."""
+    if isinstance(images, ImageSource):
+        return images
+    return ArraySource(images, name=argument, argument=argument)

@@ -10,6 +10,7 @@ optimizer, and log the unscaled loss plus the method's own scalars.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Sequence
 
 import keras
@@ -416,6 +417,23 @@ class ContrastiveModel(keras.Model):
                 f"{max(replicas, batch_size // replicas * replicas)})."
             )
 
+    def image_sources(self) -> tuple:
+        """The image sources the model itself reads in `train_step` (EMC²'s image
+        table, when it is a source); `fit` asks them to name a file that fails."""
+        return ()
+
+    def _distribute_by_worker(self, dataset: tf.data.Dataset):
+        """`dataset` with its run-time checks (`check_dataset`); under
+        MultiWorkerMirroredStrategy, a `make_two_view_dataset` stream as a
+        distributed dataset in which every worker reads and augments only its
+        own rows of each global batch (`worker_dataset`), instead of reading
+        every image and keeping its share."""
+        worker_dataset = getattr(dataset, "worker_dataset", None)
+        if worker_dataset is None or not _multi_worker(self.distribute_strategy):
+            return check_dataset(dataset, self.dataset_size)
+        return self.distribute_strategy.distribute_datasets_from_function(
+            functools.partial(worker_dataset, dataset_size=self.dataset_size))
+
     def fit(self, x=None, *args, **kwargs):
         """`keras.Model.fit`, after validating a `tf.data.Dataset` input.
 
@@ -426,7 +444,11 @@ class ContrastiveModel(keras.Model):
         included): its batches and views depend on the epoch number only.
         A batch of fewer than 2 images raises `ValueError`; a step whose loss, gradient or updated
         weights are not finite stops training with `emc2_tf.NonFiniteError`
-        naming the epoch and step (`emc2_tf.StopOnNonFinite`).
+        naming the epoch and step (`emc2_tf.StopOnNonFinite`). An image that
+        cannot be read (the dataset's `image_source`, or the model's
+        `image_sources()`) raises one `ValueError` naming its file.
+        Under MultiWorkerMirroredStrategy each worker reads only its share of
+        a `make_two_view_dataset` stream (`_distribute_by_worker`).
         """
         # Issue 13 (safety, see emc2_tf/safety.py): stop at the first non-finite
         # step with a NonFiniteError (StopOnNonFinite, first in the list, unless the
@@ -435,21 +457,30 @@ class ContrastiveModel(keras.Model):
         from emc2_tf.safety import StopOnNonFinite
 
         steps_per_epoch = None
+        sources = list(self.image_sources())
         if isinstance(x, tf.data.Dataset):
             schedule = getattr(x, "epoch_schedule", None)
             if schedule is not None:
                 steps_per_epoch = schedule.order.num_batches
                 callbacks = list(kwargs.get("callbacks") or [])
                 kwargs["callbacks"] = [_EpochScheduleSync(schedule), *callbacks]
+            if getattr(x, "image_source", None) is not None:
+                sources.insert(0, x.image_source)
             self.check_global_batch(x)
-            x = check_dataset(x, self.dataset_size)
+            x = self._distribute_by_worker(x)
             kwargs.setdefault("shuffle", False)  # a dataset's order is its own
         callbacks = list(kwargs.get("callbacks") or [])
         if not any(isinstance(callback, StopOnNonFinite) for callback in callbacks):
             kwargs["callbacks"] = [StopOnNonFinite(steps_per_epoch), *callbacks]
         try:
             return super().fit(x, *args, **kwargs)
-        except tf.errors.InvalidArgumentError as error:
+        except tf.errors.OpError as error:
+            for source in sources:  # e.g. a damaged image file: one line naming it
+                message = source.read_error(error)
+                if message:
+                    raise ValueError(message) from None
+            if not isinstance(error, tf.errors.InvalidArgumentError):
+                raise
             if INDEX_RANGE_MESSAGE in str(error):
                 raise ValueError(
                     f"The dataset yielded a sample index outside [0, dataset_size="
