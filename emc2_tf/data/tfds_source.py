@@ -280,8 +280,9 @@ class TFDSSource(ImageSource):
         self._data_source = self._open(builder, {})
         self.num_images = self._count()
         self._stored_shape = self._image_shape(features[image_key])
+        self._fixed_size = None not in self._stored_shape[:2]
         height, width = size or self._stored_shape[:2]
-        if height is None:
+        if not (size or self._fixed_size):
             raise ValueError(f"TFDS data set {name!r} holds images of varying size "
                              f"({image_key!r} has shape {features[image_key].shape}): pass "
                              "image_size (--image_size) to resize them to one size.")
@@ -397,7 +398,7 @@ class TFDSSource(ImageSource):
         """
         index = tf.cast(index, tf.int64)
         height, width, channels = self.image_shape
-        if self._stored_shape[0] is not None:
+        if self._fixed_size:
             images = tf.numpy_function(self._read_stacked, [index], tf.uint8, stateful=False,
                                        name="tfds_source_read")
             images = tf.ensure_shape(images, [index.shape[0], *self._stored_shape])
