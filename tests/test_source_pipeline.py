@@ -108,5 +108,92 @@ def test_two_workers_each_read_only_their_share_and_train_identically(tmp_path):
     assert (chains >= 0).sum() > 0
 
 
+
+# -- EMC²'s image table ----------------------------------------------------------------
+
+
+def _write_png_folder(directory, images, labels=None):
+    """Writes uint8 `[N, H, W, 1]` images as PNG files whose sorted order is the
+    index order (class folders `c<label>` when labelled); returns the folder."""
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        folder = directory if labels is None else directory / f"c{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(folder / f"{i:05d}.png")
+    return str(directory)
+
+
+def _tiny_encoder(shape):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input(shape, name="images"), keras.layers.Flatten(),
+                             keras.layers.Dense(8), keras.layers.UnitNormalization()])
+
+
+def test_emc2_reencodes_from_a_source_bit_identically_to_the_in_memory_table(tmp_path):
+    """EMC² with `out_of_batch="reencode"` and with `exact_ratio` re-encodes its stored
+    negatives from the image table; an `ArraySource` of the images and a PNG folder
+    of them must give the in-memory table's weights and chains bit for bit.
+
+    Catches a source table read at other rows than the chains' stored indices, a
+    float conversion other than the table's (uint8 / 255), and a test blind to the
+    table (a table of other images must change the weights)."""
+    import keras
+
+    from emc2_tf.data.folder import ImageFolderSource
+
+    images = np.random.default_rng(3).integers(0, 256, (32, 6, 6, 1), np.uint8)
+    folder = ImageFolderSource(_write_png_folder(tmp_path / "flat", images))
+    other = ArraySource(images[::-1].copy())
+    # burn_in=0: the first MH step, which compares with the re-encoded current
+    # state, is recorded (with the default burn-in the table only moves the chains).
+    for options, tables in (({"out_of_batch": "reencode"}, (images, ArraySource(images), other)),
+                            ({"exact_ratio": True, "burn_in": 0}, (images, folder))):
+        runs = []
+        for table in tables:
+            model = emc2_tf.EMC2Model(_tiny_encoder((6, 6, 1)), 32, images=table,
+                                      temperature=0.2, seed=0, **options)
+            model.compile(optimizer=keras.optimizers.SGD(0.5))
+            model.fit(emc2_tf.make_two_view_dataset(images, 8, augment=None, seed=0), epochs=2,
+                      verbose=0)
+            runs.append([np.asarray(weight) for weight in model.weights])
+        if tables[-1] is other:  # the table matters: other images, other weights
+            wrong = runs.pop()
+            assert [np.array_equal(a, b) for a, b in zip(wrong, runs[0])].count(False) >= 2
+        for run in runs[1:]:
+            for expected, got in zip(runs[0], run):
+                np.testing.assert_array_equal(got, expected, err_msg=str(options))
+
+
+def test_an_xla_step_reading_a_source_table_is_refused_in_one_line():
+    """Catches `jit_compile=True` with a source table reaching XLA (a raw TensorFlow
+    error about tf.numpy_function deep in the compiled step), and a refusal where
+    nothing is read from the source (out_of_batch='drop' without exact_ratio) or
+    where XLA is off."""
+    import keras
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1), np.uint8)
+    dataset = emc2_tf.make_two_view_dataset(images, 8, augment=None, seed=0)
+    source = ArraySource(images, name="mine")
+    model = emc2_tf.EMC2Model(_tiny_encoder((4, 4, 1)), 16, images=source,
+                              out_of_batch="reencode")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    with pytest.raises(ValueError) as error:
+        model.fit(dataset, epochs=1, verbose=0)
+    message = str(error.value)
+    assert "\n" not in message and "jit_compile=True" in message and "'mine'" in message
+    assert int(model.optimizer.iterations.numpy()) == 0
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
+    model.fit(dataset, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2
+    drop = emc2_tf.EMC2Model(_tiny_encoder((4, 4, 1)), 16, images=source)  # reads nothing
+    drop.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    assert drop.image_sources() == ()
+    drop._check_jit_for_source()  # no refusal
+    with pytest.raises(ValueError, match="source 'mine'.* holds 16 images but dataset_size=17"):
+        emc2_tf.EMC2Model(_tiny_encoder((4, 4, 1)), 17, images=source)
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

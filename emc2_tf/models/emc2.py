@@ -16,7 +16,9 @@
    the global contrastive loss (its value is not the global loss: use
    `emc2_tf.exact_global_contrastive_loss` to monitor that);
 5. a chain still on its out-of-batch negative from an earlier step is
-   re-encoded from the un-augmented image with the current weights;
+   re-encoded from the un-augmented image with the current weights (read by
+   index from the image table: an in-memory array, or an `ImageSource` such
+   as a folder of files);
 6. `chain_index` / `chain_log_score` are written back for the batch only.
 
 Under a distribution strategy each replica runs the chains of its own b
@@ -39,6 +41,7 @@ import tensorflow as tf
 
 from emc2_tf.checks import check_images
 from emc2_tf.data.batch import as_float_images
+from emc2_tf.data.image_source import ImageSource
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
@@ -69,10 +72,11 @@ class _ImageTable:
     """Holds the un-augmented images out of Keras' and tf.train's tracking.
 
     The table is data, not model state: it must not be written into weights
-    files, checkpoints or exported SavedModels.
+    files, checkpoints or exported SavedModels. `images` is an in-memory
+    tensor (host memory), an `ImageSource` read by index, or None.
     """
 
-    def __init__(self, images: tf.Tensor):
+    def __init__(self, images: tf.Tensor | ImageSource | None):
         self.images = images
 
 
@@ -86,10 +90,28 @@ MISSING_IMAGES_MESSAGE = (
 )
 
 
-def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Tensor | None:
-    """The table as stored, in host memory: uint8 stays uint8 (0..255), float → float32."""
+#: Why an XLA-compiled step cannot re-encode from an `ImageSource`.
+SOURCE_JIT_MESSAGE = (
+    "EMC2Model: jit_compile=True cannot re-encode stored negatives from the image source "
+    "{name!r} ({kind}): a source's read runs tf.numpy_function or tf.data ops, which XLA "
+    "cannot compile inside the step; compile with jit_compile=False (on a GPU, 'auto' means "
+    "True), give images= an in-memory array, or use out_of_batch='drop' without exact_ratio "
+    "(nothing is re-encoded)."
+)
+
+
+def _check_image_table(images: Any, dataset_size: int,
+                       max_bytes: int) -> tf.Tensor | ImageSource | None:
+    """The table as stored, in host memory: uint8 stays uint8 (0..255), float → float32;
+    an `ImageSource` is kept as it is (read by index, no limit: nothing is held)."""
     if images is None:
         return None
+    if isinstance(images, ImageSource):
+        if images.num_images != dataset_size:
+            raise ValueError(
+                f"images (the source {images.name!r}) holds {images.num_images} images but "
+                f"dataset_size={dataset_size}; they must match (one image per sample index).")
+        return images
     dtype = tf.as_dtype(images.dtype)
     if not (dtype.is_floating or dtype == tf.uint8):
         raise ValueError(
@@ -126,16 +148,19 @@ def _check_image_table(images: Any, dataset_size: int, max_bytes: int) -> tf.Ten
         return tf.convert_to_tensor(images, dtype=stored)
 
 
-def image_table(images: np.ndarray) -> np.ndarray:
+def image_table(images: Any) -> Any:
     """`images` as EMC²'s image table: uint8 when the float images are exactly
     `k / 255` (every 8-bit data set), a quarter of the memory with identical
-    re-encodings; otherwise the float images unchanged.
+    re-encodings; otherwise the float images unchanged. An `ImageSource`
+    (e.g. a folder) is returned as it is: the model reads it by index.
 
     uint8 images are returned as they are (0..255; the model scales each
     gathered row by 1/255). Float images must be finite and in [0, 1], else
     a one-line `ValueError` naming `images` and the range found
     (`emc2_tf.checks.check_images`): 0..255 floats must be divided by 255.
     """
+    if isinstance(images, ImageSource):
+        return images
     images = np.asarray(images)
     check_images(images, "images")
     if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
@@ -150,12 +175,17 @@ def image_table(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def gather_images(table: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+def gather_images(table: tf.Tensor | ImageSource, index: tf.Tensor) -> tf.Tensor:
     """Rows `index` of the image table as float32 in [0, 1].
 
-    The gather runs where the table lives (host memory); only the B rows
+    The gather (or the source's read) runs in host memory; only the B rows
     travel, still as uint8 when the table is uint8, and are converted after.
+    A source reads with `tf.numpy_function` or `tf.data` ops: not inside XLA.
     """
+    if isinstance(table, ImageSource):
+        with tf.device(IMAGE_TABLE_DEVICE):
+            rows = table.read(index)
+        return table.to_float(rows)
     with tf.device(table.device or IMAGE_TABLE_DEVICE):
         rows = tf.gather(table, index)
     return as_float_images(rows)
@@ -185,7 +215,12 @@ class EMC2Model(ContrastiveModel):
             row (`emc2_tf.image_table` makes one: a quarter of the memory);
             float values outside [0, 1] (divide 0..255 pixels by 255), NaN or
             inf are refused in one line. Kept in host memory and used to
-            re-encode a chain's out-of-batch negative. Needed by
+            re-encode a chain's out-of-batch negative. Or an `ImageSource`
+            (e.g. `emc2_tf.ImageFolderSource`, the one the dataset reads):
+            nothing is held, each step reads its B stored negatives by index
+            (bit-identical to the array it holds); not under
+            `jit_compile=True` (XLA cannot compile a read: refused in one
+            line; on a GPU `"auto"` means True: compile with False). Needed by
             `out_of_batch="reencode"` and by `exact_ratio`; optional
             otherwise (None: no table at all), and settable later with
             `set_image_table`.
@@ -221,7 +256,8 @@ class EMC2Model(ContrastiveModel):
             (parallel on a GPU within a memory bound, and on a CPU up to
             B ≈ 32, where it measured faster; sequential beyond).
         seed: seed of the MH uniforms.
-        max_image_table_bytes: refuse an image table larger than this.
+        max_image_table_bytes: refuse an in-memory image table larger than
+            this (a source has no limit: it holds no images).
 
     State (non-trainable, saved with the weights and checkpoints):
         chain_index: int32 `[N]`, each chain's current negative, −1 = empty.
@@ -297,9 +333,24 @@ class EMC2Model(ContrastiveModel):
         )
 
     @property
-    def images(self) -> tf.Tensor | None:
-        """The un-augmented image table the chains' negatives are read from (or None)."""
+    def images(self) -> tf.Tensor | ImageSource | None:
+        """The un-augmented image table the chains' negatives are read from: an
+        in-memory tensor, an `ImageSource`, or None."""
         return self._image_table.images
+
+    def image_sources(self) -> tuple:
+        """The image table, when it is a source that training reads (for `fit`'s
+        one-line read errors)."""
+        if self.needs_image_table and isinstance(self.images, ImageSource):
+            return (self.images,)
+        return ()
+
+    def _check_jit_for_source(self) -> None:
+        """No XLA step when it would read the image table from a source."""
+        if self.image_sources() and self.jit_compile:
+            source = self.images
+            raise ValueError(SOURCE_JIT_MESSAGE.format(name=source.name,
+                                                       kind=type(source).__name__))
 
     @property
     def needs_image_table(self) -> bool:
@@ -310,7 +361,8 @@ class EMC2Model(ContrastiveModel):
         """Sets (or clears, with None) the un-augmented image table `[N, H, W, C]`.
 
         A model restored with `keras.models.load_model` has its chains but not
-        the data set: give it the table before `fit`.
+        the data set: give it the table before `fit`. `images` may be an
+        `ImageSource` (nothing is held; see the constructor).
         """
         self._image_table.images = _check_image_table(
             images, self.dataset_size, self.max_image_table_bytes)
@@ -323,9 +375,11 @@ class EMC2Model(ContrastiveModel):
                 "max_image_table_bytes": self.max_image_table_bytes}
 
     def fit(self, *args, **kwargs):
-        """`ContrastiveModel.fit`, after checking the image table is there if needed."""
+        """`ContrastiveModel.fit`, after checking the image table is there if needed
+        (and, for a source table, that the step is not compiled with XLA)."""
         if self.needs_image_table and self.images is None:
             raise ValueError(MISSING_IMAGES_MESSAGE)
+        self._check_jit_for_source()
         return super().fit(*args, **kwargs)
 
     def contrastive_loss(self, index, embeddings, training=True):
