@@ -144,14 +144,39 @@ class _RecordLoss(emc2_tf.StopOnNonFinite):
         pass
 
 
+class _NonFiniteToZero(keras.layers.Layer):
+    """Maps NaN and inf to 0, as the fused Conv2D+BiasAdd+ReLU kernel of some CPUs'
+    oneDNN builds does inside a tf.function (seen on Intel; not on AMD EPYC)."""
+
+    def call(self, x):
+        return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
+def _nan_hiding_encoder():
+    """A small CNN whose first layer's non-finite outputs become 0 on every CPU."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        _NonFiniteToZero(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(16),
+        keras.layers.UnitNormalization(),
+    ])
+
+
 def test_loss_is_logged_as_nan_not_zero_once_the_weights_are_not_finite():
     """Bug caught: the logged loss stayed finite (0.0) while the weights were NaN, so
     keras.callbacks.TerminateOnNaN never fired. Why: inside a tf.function TensorFlow
-    fuses Conv2D+BiasAdd+ReLU and the fused ReLU maps NaN to 0, so a NaN first-layer
-    kernel gives every image the same finite embedding and the loss β − β = 0. The
-    step must log NaN when the loss, a gradient or an updated weight is not finite."""
+    fuses Conv2D+BiasAdd+ReLU, and on some CPUs the fused ReLU maps NaN to 0, so a
+    NaN first-layer kernel gives every image the same finite embedding and the loss
+    β − β = 0. The encoder here maps its first layer's NaN to 0 explicitly, so the
+    case arises on every CPU (on AMD EPYC the fused kernel keeps the NaN). The step
+    must log NaN when the loss, a gradient or an updated weight is not finite."""
     images = _digits_subset(32)
-    model = _model("emc2", n=32, images=images)
+    model = emc2_tf.build_model("emc2", encoder=_nan_hiding_encoder(), dataset_size=32,
+                                seed=0, images=images)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
     first = _RecordLoss()
     model.fit(_two_view_batches(images, 32, nan_at=3), epochs=1, verbose=0, callbacks=[first])
     kernel = model.encoder.trainable_variables[0]

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -221,17 +222,21 @@ def state_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def run() -> dict:
-    import keras
-    import numpy as np
+@dataclass
+class RunPlan:
+    """Where a run writes, decided from the flags before anything is loaded."""
 
+    directory: str  # --checkpoint_dir ('' = checkpoints off)
+    name: str  # --model_name
+    tensorboard_dir: str | None
+    resume: bool
+    chief: bool  # the one worker that writes TensorBoard logs, flags.txt and exports
+
+
+def start_strategy():
+    """`--cpu_devices` and `--strategy`; refuses a global batch the replicas do not divide."""
     import emc2_tf
 
-    started = time.time()
-    directory = checkpoint_dir(FLAGS)
-    resume = FLAGS.resume or FLAGS.resume_from is not None
-    if not directory and resume:
-        fail("--resume needs checkpoints: --checkpoint_dir is empty.")
     if FLAGS.cpu_devices:
         try:
             emc2_tf.split_cpu(FLAGS.cpu_devices)
@@ -245,46 +250,65 @@ def run() -> dict:
     if FLAGS.batch_size % replicas:
         fail(f"--batch_size={FLAGS.batch_size} (the global batch) is not divisible by the "
              f"{replicas} replicas of --strategy={FLAGS.strategy}; use a multiple of {replicas}.")
+    return strategy
+
+
+def plan_outputs(strategy) -> RunPlan:
+    """The run's output folders, each checked writable before any data is loaded or
+    anything built (issue 13; the chief alone writes TensorBoard logs and exports)."""
+    import emc2_tf
+
+    directory = checkpoint_dir(FLAGS)
+    resume = FLAGS.resume or FLAGS.resume_from is not None
     chief = emc2_tf.is_chief(strategy)
     name = model_name(FLAGS)
     tensorboard_dir = os.path.join(FLAGS.tensorboard_dir, name) if FLAGS.tensorboard_dir else None
-    # Issue 13: the output folders can be written, before any data is loaded or
-    # anything built (the chief alone writes TensorBoard logs and exports).
     outputs = [("checkpoint_dir", directory, directory)] if directory else []
     if tensorboard_dir and chief:
         outputs.append(("tensorboard_dir", FLAGS.tensorboard_dir, tensorboard_dir))
     if FLAGS.export and chief:
         outputs.append(("export_dir", FLAGS.export_dir, os.path.join(FLAGS.export_dir, name)))
     check_output_dirs(PROGRAM, outputs)
-    data = load_run_data(PROGRAM, FLAGS)  # with the --train_size subset, if any
-    if FLAGS.batch_size > data.num_train:
-        fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
-    check_warmup(PROGRAM, FLAGS)
-    # After the flags, the strategy and the data are known to be valid (their
-    # errors come first), before anything is built or written.
-    if not resume and not FLAGS.overwrite and chief:
-        check_name_is_free(name, tensorboard_dir)
-    # The lock (it creates the folder) after every refusal that does not depend on the
-    # folder's contents; the contents are judged under it. Only the chief writes
-    # --checkpoint_dir (the other workers write .worker-N in it).
-    if directory and chief:
-        lock_checkpoint_dir(directory)
-    if directory and not resume and not FLAGS.overwrite:
-        check_folder_is_free(directory)
-    built = build_run(PROGRAM, FLAGS, strategy, data)
-    encoder, model, encoder_name = built.encoder, built.model, built.encoder_name
-    temperature = model.temperature
-    steps_per_epoch = data.num_train // FLAGS.batch_size
-    augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
+    return RunPlan(directory, name, tensorboard_dir, resume, chief)
 
-    epoch_seconds = []
-    # First in the list: an epoch's time includes the batch selection, not the evaluation.
-    timer = keras.callbacks.LambdaCallback(
+
+def claim_outputs(plan: RunPlan) -> None:
+    """After the flags, the strategy and the data are known to be valid (their errors
+    come first), before anything is built or written: the run's name must be free,
+    and this process becomes the one writer of --checkpoint_dir.
+
+    The lock (it creates the folder) comes after every refusal that does not depend on
+    the folder's contents; the contents are judged under it. Only the chief writes
+    --checkpoint_dir (the other workers write .worker-N in it).
+    """
+    if not plan.resume and not FLAGS.overwrite and plan.chief:
+        check_name_is_free(plan.name, plan.tensorboard_dir)
+    if plan.directory and plan.chief:
+        lock_checkpoint_dir(plan.directory)
+    if plan.directory and not plan.resume and not FLAGS.overwrite:
+        check_folder_is_free(plan.directory)
+
+
+def epoch_timer(epoch_seconds: list):
+    """A callback appending each epoch's wall time to `epoch_seconds`."""
+    import keras
+
+    return keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: epoch_seconds.append(-time.time()),
         on_epoch_end=lambda epoch, logs: epoch_seconds.__setitem__(
             -1, epoch_seconds[-1] + time.time()),
     )
-    callbacks, batch_order = [timer], None
+
+
+def training_callbacks(plan: RunPlan, data, encoder, temperature, augment, epoch_seconds):
+    """The run's callbacks and its batch order (None: uniform shuffling).
+
+    The timer comes first, so an epoch's time includes the batch selection and not
+    the evaluation; TensorBoard comes after the 1-NN callback, whose value it logs.
+    """
+    import emc2_tf
+
+    callbacks, batch_order = [epoch_timer(epoch_seconds)], None
     if FLAGS.batch_selection == "spectral":
         try:
             batch_order = emc2_tf.SpectralBatchSelection(
@@ -297,74 +321,82 @@ def run() -> dict:
         callbacks.append(batch_order)
     if FLAGS.eval_every:
         callbacks.append(emc2_tf.KNNAccuracyCallback(encoder, data, FLAGS.eval_every))
-    if tensorboard_dir and chief:  # one writer per cluster; after KNN: its value is logged
-        callbacks.append(emc2_tf.TrainingScalars(tensorboard_dir, FLAGS.log_every_steps))
+    if plan.tensorboard_dir and plan.chief:  # one writer per cluster
+        callbacks.append(emc2_tf.TrainingScalars(plan.tensorboard_dir, FLAGS.log_every_steps))
+    return callbacks, batch_order
 
-    if FLAGS.overwrite and not resume and chief and tensorboard_dir and os.path.isdir(
-            tensorboard_dir):
-        shutil.rmtree(tensorboard_dir)  # the replaced run's curves would mix with this run's
-    checkpoint, resumed_from = None, None
-    if directory:
-        if FLAGS.overwrite and not resume and chief:
-            remove_checkpoints(directory)
-        checkpoint = emc2_tf.TrainingCheckpoint(
-            directory, model, steps_per_epoch, every_n_steps=FLAGS.checkpoint_every_steps,
-            keep=FLAGS.keep_checkpoints, batch_order=batch_order,
-        )
-        if resume:
-            resumed_from = restore_to_resume(checkpoint, directory)
-            done_epochs, done_steps = checkpoint.position
-            if resumed_from and done_epochs >= FLAGS.epochs:
-                # Issue 13: a finished run; nothing is trained, written or exported again.
-                print(f"{PROGRAM}: nothing left to train: {resumed_from} ends epoch "
-                      f"{done_epochs} (global step {checkpoint.global_step}) and --epochs="
-                      f"{FLAGS.epochs}; nothing was trained, written or exported. Pass a larger "
-                      f"--epochs to train longer, or export it again with: "
-                      f"{command('export', f'--checkpoint_dir={directory}')}", file=sys.stderr)
-                sys.exit(0)
-        if chief:
-            try:
-                write_flags_file(directory, flags_file_text(FLAGS, run_flag_names()))
-            except OSError as error:
-                fail(f"--checkpoint_dir={directory}: cannot write {FLAGS_FILE}: "
-                     f"{error.strerror or error}.")
 
-    def make_dataset(start_epoch: int, start_step: int):
-        return emc2_tf.make_two_view_dataset(
-            data.train_images, FLAGS.batch_size, augment, seed=FLAGS.seed,
-            batch_order=batch_order, start_epoch=start_epoch, start_step=start_step,
-        )
+def open_checkpoint(plan: RunPlan, model, steps_per_epoch: int, batch_order):
+    """`--overwrite`'s deletions, the run's `TrainingCheckpoint` (restored with
+    `--resume`) and its flags.txt; returns `(checkpoint, resumed_from)`, both None
+    without checkpoints. A finished run resumed exits here: nothing to train."""
+    import emc2_tf
 
-    monitor_global_loss = data.num_train <= 20000  # the exact loss is O(N²)
-    initial_global_loss = None
-    if monitor_global_loss:
-        initial_global_loss = emc2_tf.exact_global_contrastive_loss(
-            encoder, data.train_images, temperature)
+    if FLAGS.overwrite and not plan.resume and plan.chief and plan.tensorboard_dir and (
+            os.path.isdir(plan.tensorboard_dir)):
+        shutil.rmtree(plan.tensorboard_dir)  # the replaced run's curves would mix with this run's
+    if not plan.directory:
+        return None, None
+    directory, resumed_from = plan.directory, None
+    if FLAGS.overwrite and not plan.resume and plan.chief:
+        remove_checkpoints(directory)
+    checkpoint = emc2_tf.TrainingCheckpoint(
+        directory, model, steps_per_epoch, every_n_steps=FLAGS.checkpoint_every_steps,
+        keep=FLAGS.keep_checkpoints, batch_order=batch_order,
+    )
+    if plan.resume:
+        resumed_from = restore_to_resume(checkpoint, directory)
+        done_epochs, _ = checkpoint.position
+        if resumed_from and done_epochs >= FLAGS.epochs:
+            # Issue 13: a finished run; nothing is trained, written or exported again.
+            print(f"{PROGRAM}: nothing left to train: {resumed_from} ends epoch "
+                  f"{done_epochs} (global step {checkpoint.global_step}) and --epochs="
+                  f"{FLAGS.epochs}; nothing was trained, written or exported. Pass a larger "
+                  f"--epochs to train longer, or export it again with: "
+                  f"{command('export', f'--checkpoint_dir={directory}')}", file=sys.stderr)
+            sys.exit(0)
+    if plan.chief:
+        try:
+            write_flags_file(directory, flags_file_text(FLAGS, run_flag_names()))
+        except OSError as error:
+            fail(f"--checkpoint_dir={directory}: cannot write {FLAGS_FILE}: "
+                 f"{error.strerror or error}.")
+    return checkpoint, resumed_from
+
+
+def announce(plan: RunPlan, built, checkpoint, resumed_from, steps_per_epoch: int) -> None:
+    """Prints what is trained, and where a resumed run continues."""
+    data, model = built.data, built.model
     start_epoch, start_step = checkpoint.position if checkpoint else (0, 0)
-    print(f"Pre-training {encoder_name} with {FLAGS.method} on {data.name}: "
-          f"N={data.num_train}, B={FLAGS.batch_size}, τ={temperature}, "
-          f"{FLAGS.batch_selection} batches, {replicas} replica(s), "
-          f"{FLAGS.epochs} epochs of {steps_per_epoch} steps")
-    if resume:
+    print(f"Pre-training {built.encoder_name} with {FLAGS.method} on {data.name}: "
+          f"N={data.num_train}, B={FLAGS.batch_size}, τ={model.temperature}, "
+          f"{FLAGS.batch_selection} batches, {model.distribute_strategy.num_replicas_in_sync} "
+          f"replica(s), {FLAGS.epochs} epochs of {steps_per_epoch} steps")
+    if plan.resume:
         if resumed_from:
             print(f"resuming from {resumed_from}: epoch {start_epoch + 1}, step "
                   f"{start_step}/{steps_per_epoch}")
         else:
-            print(f"no checkpoint in {directory} yet: starting at step 0")
-    train_started = time.time()
-    # A live progress bar on a terminal; one line per epoch in a log file.
-    verbose = 1 if sys.stdout.isatty() else 2
+            print(f"no checkpoint in {plan.directory} yet: starting at step 0")
+
+
+def fit_run(plan: RunPlan, model, make_dataset, checkpoint, callbacks) -> dict:
+    """Trains to `--epochs` (from the checkpoint's position); returns the history.
+    A non-finite step, a folder taken over or a full disk is one line."""
+    import emc2_tf
+
+    verbose = 1 if sys.stdout.isatty() else 2  # a live bar on a terminal; a line per epoch in a log
     try:
         if checkpoint:
-            history = emc2_tf.fit_with_checkpoints(
+            return emc2_tf.fit_with_checkpoints(
                 model, make_dataset, FLAGS.epochs, checkpoint, callbacks, verbose=verbose)
-        else:
-            history = model.fit(make_dataset(0, 0), epochs=FLAGS.epochs, callbacks=callbacks,
-                                verbose=verbose).history
+        return model.fit(make_dataset(0, 0), epochs=FLAGS.epochs, callbacks=callbacks,
+                         verbose=verbose).history
     except emc2_tf.NonFiniteError as error:  # issue 13: one line naming epoch and step
         if sys.stdout.isatty():
             print(file=sys.stdout)  # end the progress bar's line
-        saved = emc2_tf.list_checkpoints(directory) if directory and chief else []
+        saved = (emc2_tf.list_checkpoints(plan.directory) if plan.directory and plan.chief
+                 else [])
         kept = (f"the latest checkpoint, {saved[-1]}, holds finite weights" if saved
                 else "no checkpoint was written")
         fail(f"{error} Nothing non-finite was saved ({kept}) and nothing exported; fix the "
@@ -373,23 +405,39 @@ def run() -> dict:
         fail(str(error))  # the folder checks above come first; these are their backstop
     except OSError as error:  # e.g. a full disk while writing a checkpoint
         fail(str(error).splitlines()[0] if str(error) else repr(error))
-    train_seconds = time.time() - train_started
-    if checkpoint and checkpoint.interrupted is not None:
-        epoch, step = checkpoint.position
-        latest = emc2_tf.list_checkpoints(directory)[-1] if chief else directory
-        print(f"{PROGRAM}: interrupted by {signal.Signals(checkpoint.interrupted).name} at "
-              f"epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved {latest}; continue with: "
-              f"{command('train', '--resume', f'--checkpoint_dir={directory}')}",
-              file=sys.stderr)
-        sys.exit(128 + checkpoint.interrupted)
 
-    results = emc2_tf.evaluate_encoder(encoder, data, representation=True, augment=augment)
+
+def exit_if_interrupted(plan: RunPlan, checkpoint, steps_per_epoch: int) -> None:
+    """After SIGTERM/SIGINT: says where the run stopped and how to continue it (shell-
+    quoted), and exits with 128 + the signal."""
+    import emc2_tf
+
+    if not checkpoint or checkpoint.interrupted is None:
+        return
+    epoch, step = checkpoint.position
+    latest = emc2_tf.list_checkpoints(plan.directory)[-1] if plan.chief else plan.directory
+    print(f"{PROGRAM}: interrupted by {signal.Signals(checkpoint.interrupted).name} at "
+          f"epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved {latest}; continue with: "
+          f"{command('train', '--resume', f'--checkpoint_dir={plan.directory}')}",
+          file=sys.stderr)
+    sys.exit(128 + checkpoint.interrupted)
+
+
+def run_summary(built, history: dict, augment, train_seconds: float, epoch_seconds: list) -> dict:
+    """The trained run's numbers: held-out 1-NN and probe, representation metrics,
+    timings, the last logs and the state digest."""
+    import numpy as np
+
+    import emc2_tf
+
+    data, model = built.data, built.model
+    results = emc2_tf.evaluate_encoder(built.encoder, data, representation=True, augment=augment)
     summary = {
         "method": FLAGS.method,
         "dataset": data.name,
         "epochs": FLAGS.epochs,
         "batch_size": FLAGS.batch_size,
-        "temperature": temperature,
+        "temperature": model.temperature,
         "batch_selection": FLAGS.batch_selection,
         "optimizer": FLAGS.optimizer,
         "weight_decay": FLAGS.weight_decay,
@@ -398,11 +446,8 @@ def run() -> dict:
         "train_size": data.num_train,
         "train_class_counts": {str(label): int(count) for label, count in
                                zip(*np.unique(data.train_labels, return_counts=True))},
-        "knn_accuracy": results["knn_accuracy"],
-        "linear_probe_accuracy": results["linear_probe_accuracy"],
-        "alignment": results["alignment"],
-        "uniformity": results["uniformity"],
-        "effective_rank": results["effective_rank"],
+        **{key: results[key] for key in ("knn_accuracy", "linear_probe_accuracy", "alignment",
+                                         "uniformity", "effective_rank")},
         "train_seconds": train_seconds,
         # Median over epochs after the first (which includes tracing the step).
         "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds or [0.0])),
@@ -411,46 +456,104 @@ def run() -> dict:
     }
     if history.get("acceptance_rate"):
         summary["acceptance_rate"] = history["acceptance_rate"][-1]
-    if monitor_global_loss:
-        summary["initial_global_contrastive_loss"] = initial_global_loss
-        summary["global_contrastive_loss"] = emc2_tf.exact_global_contrastive_loss(
-            encoder, data.train_images, temperature
-        )
-    summary["strategy"] = FLAGS.strategy
-    summary["replicas"] = replicas
-    summary["state_digest"] = state_digest(model)
-    if checkpoint:
-        summary["checkpoint_dir"] = directory
-        summary["resumed_from"] = resumed_from
-    if FLAGS.export and chief:  # the other workers hold identical weights
+    return summary
+
+
+def publish(plan: RunPlan, built, summary: dict) -> None:
+    """The chief exports the encoder (`--export`) and the held-out projector
+    (`--projector`); their paths go into `summary`."""
+    import emc2_tf
+
+    if FLAGS.export and plan.chief:  # the other workers hold identical weights
         try:
-            summary["export_path"] = emc2_tf.export_encoder(encoder, FLAGS.export_dir, name)
+            summary["export_path"] = emc2_tf.export_encoder(
+                built.encoder, FLAGS.export_dir, plan.name)
         except (OSError, ValueError) as error:
+            directory = plan.directory
             fail(f"--export_dir={FLAGS.export_dir}: {error} The trained run is in "
                  f"{directory or '(no checkpoints)'}" + (
                      f"; export it later with: "
                      f"{command('export', f'--checkpoint_dir={directory}')}" if directory
                      else "."))
-    if FLAGS.projector and tensorboard_dir and chief:
+    if FLAGS.projector and plan.tensorboard_dir and plan.chief:
         summary["projector"] = emc2_tf.export_projector(
-            emc2_tf.embed(encoder, data.test_images), data.test_labels,
-            os.path.join(tensorboard_dir, "projector"))
-    summary["total_seconds"] = time.time() - started
+            emc2_tf.embed(built.encoder, built.data.test_images), built.data.test_labels,
+            os.path.join(plan.tensorboard_dir, "projector"))
 
+
+def print_summary(summary: dict) -> None:
+    """The human-readable lines, then the `summary: {...}` JSON line scripts parse."""
     print(f"held-out 1-NN accuracy:        {summary['knn_accuracy']:.4f}")
     print(f"held-out linear-probe accuracy: {summary['linear_probe_accuracy']:.4f}")
     if "acceptance_rate" in summary:
         print(f"MH acceptance rate (last epoch): {summary['acceptance_rate']:.4f}")
     if "global_contrastive_loss" in summary:
-        print(f"exact global contrastive loss:  {initial_global_loss:.4f} at the start, "
+        print(f"exact global contrastive loss:  "
+              f"{summary['initial_global_contrastive_loss']:.4f} at the start, "
               f"{summary['global_contrastive_loss']:.4f} after")
-    print(f"training time: {train_seconds:.1f} s "
+    print(f"training time: {summary['train_seconds']:.1f} s "
           f"({summary['seconds_per_epoch']:.2f} s per epoch, median)")
-    if checkpoint:
-        print(f"checkpoints: {directory}")
+    if "checkpoint_dir" in summary:
+        print(f"checkpoints: {summary['checkpoint_dir']}")
     if "export_path" in summary:
         print(f"exported encoder: {summary['export_path']}")
     print("summary: " + json.dumps(summary, sort_keys=True))
+
+
+def run() -> dict:
+    """Trains one run as the flags say: checks, data, model, checkpoints, `fit`,
+    evaluation, export; returns the summary it prints."""
+    import emc2_tf
+
+    started = time.time()
+    if not checkpoint_dir(FLAGS) and (FLAGS.resume or FLAGS.resume_from is not None):
+        fail("--resume needs checkpoints: --checkpoint_dir is empty.")
+    strategy = start_strategy()
+    plan = plan_outputs(strategy)
+    data = load_run_data(PROGRAM, FLAGS)  # with the --train_size subset, if any
+    if FLAGS.batch_size > data.num_train:
+        fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
+    check_warmup(PROGRAM, FLAGS)
+    claim_outputs(plan)
+    built = build_run(PROGRAM, FLAGS, strategy, data)
+    encoder, model = built.encoder, built.model
+    steps_per_epoch = data.num_train // FLAGS.batch_size
+    augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
+    epoch_seconds = []
+    callbacks, batch_order = training_callbacks(
+        plan, data, encoder, model.temperature, augment, epoch_seconds)
+    checkpoint, resumed_from = open_checkpoint(plan, model, steps_per_epoch, batch_order)
+
+    def make_dataset(start_epoch: int, start_step: int):
+        return emc2_tf.make_two_view_dataset(
+            data.train_images, FLAGS.batch_size, augment, seed=FLAGS.seed,
+            batch_order=batch_order, start_epoch=start_epoch, start_step=start_step,
+        )
+
+    monitor_global_loss = data.num_train <= 20000  # the exact loss is O(N²)
+    if monitor_global_loss:
+        initial_global_loss = emc2_tf.exact_global_contrastive_loss(
+            encoder, data.train_images, model.temperature)
+    announce(plan, built, checkpoint, resumed_from, steps_per_epoch)
+    train_started = time.time()
+    history = fit_run(plan, model, make_dataset, checkpoint, callbacks)
+    train_seconds = time.time() - train_started
+    exit_if_interrupted(plan, checkpoint, steps_per_epoch)
+
+    summary = run_summary(built, history, augment, train_seconds, epoch_seconds)
+    if monitor_global_loss:
+        summary["initial_global_contrastive_loss"] = initial_global_loss
+        summary["global_contrastive_loss"] = emc2_tf.exact_global_contrastive_loss(
+            encoder, data.train_images, model.temperature)
+    summary["strategy"] = FLAGS.strategy
+    summary["replicas"] = strategy.num_replicas_in_sync
+    summary["state_digest"] = state_digest(model)
+    if checkpoint:
+        summary["checkpoint_dir"] = plan.directory
+        summary["resumed_from"] = resumed_from
+    publish(plan, built, summary)
+    summary["total_seconds"] = time.time() - started
+    print_summary(summary)
     return summary
 
 
