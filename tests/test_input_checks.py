@@ -259,5 +259,33 @@ def test_every_method_flag_is_honoured_or_refused(capsys):
     assert not ignored, f"accepted but without effect: {ignored}"
     assert ("kcl", "temperature") in refused and ("emc2", "gamma") in refused
 
+def test_flags_made_void_by_another_flag_are_refused(capsys):
+    """Bug caught: `--spectral_every=3` / `--spectral_groups=5` with
+    `--batch_selection=random`, and `--cpu_devices=2` with `--strategy=default`, were
+    accepted, recorded in flags.txt and changed nothing (same state digest). Each
+    is refused in one line naming both flags; under the governing value, and at
+    its default value (a `--flagfile` repeat), it passes."""
+    from trainers.common import DEPENDENT_FLAGS, check_flag_combinations
+
+    void = {"spectral_every": ("3", "random"), "spectral_groups": ("5", "random"),
+            "cpu_devices": ("2", "default")}
+    assert set(void) == set(DEPENDENT_FLAGS)
+    for name, (value, governing_value) in void.items():
+        governing, acting = DEPENDENT_FLAGS[name]
+        with pytest.raises(SystemExit):
+            check_flag_combinations(
+                "train", _train_flags(f"--{name}={value}", f"--{governing}={governing_value}"))
+        error = capsys.readouterr().err
+        assert error == (f"train: error: --{name}={value} has no effect with --{governing}="
+                         f"{governing_value}; it acts under --{governing}={'|'.join(acting)}: "
+                         "drop it, or pass one of those.\n"), error
+        check_flag_combinations(
+            "train", _train_flags(f"--{name}={value}", f"--{governing}={acting[0]}"))
+        default = _train_flags()[name].default
+        check_flag_combinations("train", _train_flags(f"--{name}={default}",
+                                                      f"--{governing}={governing_value}"))
+    assert capsys.readouterr().err == ""
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -82,6 +82,30 @@ def check_method_flags(program: str, run_flags) -> None:
                           f"applies to --method={'|'.join(users)}.")
 
 
+#: Flags that only act under another flag's value: flag → (the governing flag, the
+#: values under which it acts). Given a non-default value otherwise, they would be
+#: recorded in flags.txt and change nothing (issue 19): `check_flag_combinations`
+#: refuses them. A default value passes, so a `--flagfile` repeat still parses.
+DEPENDENT_FLAGS = {
+    "spectral_every": ("batch_selection", ("spectral",)),
+    "spectral_groups": ("batch_selection", ("spectral",)),
+    "cpu_devices": ("strategy", ("mirrored", "multi_worker")),
+}
+
+
+def check_flag_combinations(program: str, run_flags) -> None:
+    """Refuses a flag whose setting the run's other flags make void (e.g.
+    `--spectral_every=3` with `--batch_selection=random`, `--cpu_devices=2` with
+    `--strategy=default`), in one line naming both flags and the values under which
+    it acts."""
+    for flag, (governing, acting) in DEPENDENT_FLAGS.items():
+        value = run_flags[flag].value
+        if value != run_flags[flag].default and run_flags[governing].value not in acting:
+            fail(program, f"--{flag}={value} has no effect with --{governing}="
+                          f"{run_flags[governing].value}; it acts under --{governing}="
+                          f"{'|'.join(acting)}: drop it, or pass one of those.")
+
+
 def method_arguments(run_flags, data) -> dict:
     """The constructor options the run's method declares, filled from the flags and data."""
     accepted = method_options(run_flags.method)

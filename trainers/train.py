@@ -31,6 +31,7 @@ from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     build_run,
+    check_flag_combinations,
     check_method_flags,
     check_output_dirs,
     check_warmup,
@@ -570,6 +571,7 @@ def main(argv):
         FLAGS.checkpoint_dir = directory
         take_saved_flags(directory)
     check_method_flags(PROGRAM, FLAGS)
+    check_flag_combinations(PROGRAM, FLAGS)
     run()
 
 
