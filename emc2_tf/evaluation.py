@@ -14,17 +14,27 @@ Representation metrics of the L2-normalised embedding `f`:
 - effective rank (RankMe, Garrido et al. 2023): `exp(H(σ/‖σ‖₁))` of the
   singular values σ of the embedding matrix; dimensional collapse shows as
   a value far below D.
+
+Images may be in-memory arrays (uint8 0..255 or float in [0, 1]) or any
+`emc2_tf.ImageSource` (a folder of files, ...): features are computed batch
+by batch (`float_batches`), so no split is ever held as float32 all at once.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Any, Iterator
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.data.batch import as_float_images
+from emc2_tf.data.image_source import ImageSource
 from emc2_tf.encoders import BACKBONE_NAME
+
+#: Images per batch when features are computed from an array or a source.
+EVALUATION_BATCH_SIZE = 512
 
 
 #: One compiled inference function per model, so repeated evaluations (every
@@ -44,10 +54,31 @@ def _compiled_forward(model: keras.Model):
     return _FORWARD[model]
 
 
+def float_batches(images: Any, batch_size: int = EVALUATION_BATCH_SIZE) -> Iterator[tf.Tensor]:
+    """`images` as float32 batches in [0, 1], in order: an `ImageSource` read by
+    index (`iter_batches`), an array (or tensor) converted chunk by chunk
+    (uint8 scaled by 1/255: `as_float_images`), never the whole at once."""
+    if isinstance(images, ImageSource):
+        yield from images.iter_batches(batch_size)
+        return
+    for start in range(0, len(images), batch_size):
+        yield as_float_images(images[start : start + batch_size])
+
+
+def num_images(images: Any) -> int:
+    """N of an array `[N, ...]` or an `ImageSource`."""
+    return images.num_images if isinstance(images, ImageSource) else len(images)
+
+
 def embed(
-    encoder: keras.Model, images: np.ndarray, features: str = "backbone", batch_size: int = 512
+    encoder: keras.Model, images: Any, features: str = "backbone",
+    batch_size: int = EVALUATION_BATCH_SIZE,
 ) -> np.ndarray:
-    """Frozen features of `images`: `backbone` representation or `embedding`."""
+    """Frozen features of `images`: `backbone` representation or `embedding`.
+
+    `images`: an array `[N, H, W, C]` (uint8 0..255 or float in [0, 1]) or an
+    `ImageSource`, embedded `batch_size` images at a time.
+    """
     if features == "backbone":
         model = encoder.get_layer(BACKBONE_NAME)
     elif features == "embedding":
@@ -58,10 +89,7 @@ def embed(
     # or without a distribution strategy (Keras' predict under
     # MultiWorkerMirroredStrategy would shard and re-gather the images).
     forward = _compiled_forward(model)
-    chunks = [
-        forward(tf.constant(images[start : start + batch_size], tf.float32)).numpy()
-        for start in range(0, len(images), batch_size)
-    ]
+    chunks = [forward(batch).numpy() for batch in float_batches(images, batch_size)]
     return np.concatenate(chunks).astype(np.float32)
 
 
@@ -148,18 +176,22 @@ def effective_rank(embeddings: np.ndarray, epsilon: float = 1e-7) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def representation_metrics(encoder, images: np.ndarray, augment=None, seed: int = 0,
-                           embeddings: np.ndarray | None = None) -> dict[str, float]:
+def representation_metrics(encoder, images: Any, augment=None, seed: int = 0,
+                           embeddings: np.ndarray | None = None,
+                           batch_size: int = 1024) -> dict[str, float]:
     """Alignment, uniformity and effective rank of the L2-normalised embedding of `images`.
 
     Args:
         encoder: a Keras encoder (its `embedding` output is used), or any
-            function `images -> [n, D] embeddings` (e.g. a SavedModel's
-            serving signature).
+            function `float32 images [b, H, W, C] -> [b, D] embeddings` (e.g.
+            a SavedModel's serving signature), called per batch.
+        images: an array (uint8 0..255 or float in [0, 1]) or an `ImageSource`.
         augment: an `AugmentConfig`; alignment compares two views of each
-            image augmented with it (views seeded `[seed, 1]` and
-            `[seed, 2]`). None leaves alignment out.
+            image augmented with it (batch k's views seeded `[seed, 2k + 1]`
+            and `[seed, 2k + 2]`: `[seed, 1]`, `[seed, 2]` when one batch
+            holds all images). None leaves alignment out.
         embeddings: `images`' embeddings if already computed.
+        batch_size: images embedded (and augmented) at a time.
     """
     if isinstance(encoder, keras.layers.Layer):
         model = encoder
@@ -167,18 +199,22 @@ def representation_metrics(encoder, images: np.ndarray, augment=None, seed: int 
         def embed_fn(x):
             return embed(model, x, features="embedding")
     else:
-        embed_fn = encoder
-    z = embed_fn(images) if embeddings is None else embeddings
-    results = {"uniformity": uniformity(z), "effective_rank": effective_rank(z)}
+        def embed_fn(x):
+            return np.asarray(encoder(np.asarray(x)))
+    if embeddings is None:
+        embeddings = np.concatenate([embed_fn(batch)
+                                     for batch in float_batches(images, batch_size)])
+    results = {"uniformity": uniformity(embeddings), "effective_rank": effective_rank(embeddings)}
     if augment is not None:
         from emc2_tf.data.augment import SimCLRAugment
 
         augmenter = SimCLRAugment(augment)
-        views = [
-            augmenter(tf.constant(images, tf.float32), seed=tf.constant([seed, view], tf.int64))
-            .numpy() for view in (1, 2)
-        ]
-        results["alignment"] = alignment(embed_fn(views[0]), embed_fn(views[1]))
+        views = ([], [])
+        for k, batch in enumerate(float_batches(images, batch_size)):
+            for view, out in zip((1, 2), views):
+                seed_k = tf.constant([seed, 2 * k + view], tf.int64)
+                out.append(embed_fn(augmenter(batch, seed=seed_k).numpy()))
+        results["alignment"] = alignment(np.concatenate(views[0]), np.concatenate(views[1]))
     return results
 
 
@@ -186,9 +222,16 @@ def evaluate_encoder(encoder: keras.Model, dataset, linear_probe: bool = True,
                      representation: bool = False, augment=None) -> dict[str, float]:
     """1-NN (and linear-probe) accuracy of the encoder on an `ImageDataset`.
 
-    With `representation`, also the held-out split's alignment (needs
-    `augment`), uniformity and effective rank (`representation_metrics`).
+    The splits may be arrays or `ImageSource`s (features computed in
+    batches); both need labels. With `representation`, also the held-out
+    split's alignment (needs `augment`), uniformity and effective rank
+    (`representation_metrics`).
     """
+    if dataset.test_images is None or dataset.train_labels is None or (
+            dataset.test_labels is None):
+        raise ValueError(f"{dataset.name}: evaluation needs a labelled training split and a "
+                         "labelled held-out split (this data set has no labels or no held-out "
+                         "images).")
     train = embed(encoder, dataset.train_images)
     test = embed(encoder, dataset.test_images)
     results = {"knn_accuracy": knn_accuracy(train, dataset.train_labels, test, dataset.test_labels)}

@@ -195,5 +195,192 @@ def test_an_xla_step_reading_a_source_table_is_refused_in_one_line():
     with pytest.raises(ValueError, match="source 'mine'.* holds 16 images but dataset_size=17"):
         emc2_tf.EMC2Model(_tiny_encoder((4, 4, 1)), 17, images=source)
 
+
+# -- data sets and evaluation from sources ---------------------------------------------------
+
+
+class _BatchRecordingSource(ArraySource):
+    """An `ArraySource` that records the size of every batch it reads."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_sizes = []
+
+    def _gather(self, index):
+        self.batch_sizes.append(len(index))
+        return super()._gather(index)
+
+
+def test_evaluation_from_sources_equals_evaluation_from_arrays(tmp_path):
+    """`embed`, `evaluate_encoder`, `representation_metrics`,
+    `exact_global_contrastive_loss` and `KNNAccuracyCallback` on `ImageDataset`s
+    whose splits are a PNG folder or uint8 arrays give exactly the values of the
+    float32 arrays (k/255) they hold, reading a source in batches.
+
+    Catches uint8 images reaching the encoder unscaled (0..255), a source read
+    whole instead of batch by batch (the held-out set held as float32 at once),
+    batches embedded out of order, and labels not taken from the source."""
+    import keras
+
+    from emc2_tf.data.folder import ImageFolderSource
+
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 256, (60, 8, 8, 1), np.uint8)
+    train_labels = np.repeat(np.arange(3), 20)
+    test = rng.integers(0, 256, (25, 8, 8, 1), np.uint8)
+    test_labels = np.arange(25) % 3
+    as_float = [images.astype(np.float32) / np.float32(255.0) for images in (train, test)]
+    keras.utils.set_random_seed(0)
+    encoder = emc2_tf.build_small_cnn_encoder((8, 8, 1))
+
+    reference = emc2_tf.from_arrays(as_float[0], train_labels, as_float[1], test_labels)
+    uint8 = emc2_tf.from_arrays(train, train_labels, test, test_labels, keep_uint8=True)
+    recording = _BatchRecordingSource(test, test_labels)
+    folder = emc2_tf.from_sources(
+        ImageFolderSource(_write_png_folder(tmp_path / "train", train, train_labels)),
+        recording, name="folder")
+    assert uint8.train_images.dtype == np.uint8
+    assert (folder.num_train, folder.image_shape, folder.num_classes) == (60, (8, 8, 1), 3)
+    np.testing.assert_array_equal(folder.train_labels, train_labels)  # c0, c1, c2 in order
+    augment = emc2_tf.AugmentConfig.for_dataset("digits")
+    expected = emc2_tf.evaluate_encoder(encoder, reference, representation=True,
+                                        augment=augment)
+    for data in (uint8, folder):
+        assert emc2_tf.evaluate_encoder(encoder, data, representation=True,
+                                        augment=augment) == expected
+        np.testing.assert_array_equal(emc2_tf.embed(encoder, data.train_images),
+                                      emc2_tf.embed(encoder, reference.train_images))
+        assert emc2_tf.exact_global_contrastive_loss(encoder, data.train_images, 0.2) == (
+            emc2_tf.exact_global_contrastive_loss(encoder, reference.train_images, 0.2))
+    # Held-out alignment over batches of 10: the same values from a source and an array.
+    recording.batch_sizes.clear()
+    assert emc2_tf.representation_metrics(encoder, recording, augment, batch_size=10) == (
+        emc2_tf.representation_metrics(encoder, test, augment, batch_size=10))
+    assert recording.batch_sizes and max(recording.batch_sizes) == 10
+    callback = emc2_tf.KNNAccuracyCallback(encoder, folder)
+    logs = {}
+    callback.on_epoch_end(0, logs)
+    assert logs == {"knn_accuracy": expected["knn_accuracy"]}
+    with pytest.raises(ValueError, match="evaluation needs a labelled training split"):
+        emc2_tf.evaluate_encoder(encoder, emc2_tf.from_sources(ArraySource(train)))
+
+
+def test_a_stratified_subset_of_a_source_is_the_subset_of_its_array():
+    """Catches `subset_train` on a source split taking other images (or labels) than
+    on the array it holds, and an unlabelled split that cannot be subset."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (90, 4, 4, 1), np.uint8)
+    labels = np.arange(90) % 3
+    arrays = emc2_tf.from_arrays(images, labels, images[:6], labels[:6], keep_uint8=True)
+    sources = emc2_tf.from_sources(ArraySource(images, labels),
+                                        ArraySource(images[:6], labels[:6]))
+    small_arrays = emc2_tf.subset_train(arrays, 30, seed=2)
+    small_sources = emc2_tf.subset_train(sources, 30, seed=2)
+    assert small_sources.num_train == 30 and small_sources.test_images is sources.test_images
+    np.testing.assert_array_equal(small_sources.train_labels, small_arrays.train_labels)
+    np.testing.assert_array_equal(
+        small_sources.train_images.read(tf.range(30, dtype=tf.int64)).numpy(),
+        small_arrays.train_images)
+    assert small_sources.train_images.fingerprint() != sources.train_images.fingerprint()
+    unlabelled = emc2_tf.subset_train(emc2_tf.from_sources(ArraySource(images)), 10, seed=0)
+    assert unlabelled.num_train == 10 and unlabelled.train_labels is None
+
+
+# -- a PNG folder trains exactly like the arrays it was written from ------------------------
+
+
+def _fashion_like(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` uint8 28x28 images with labels: real Fashion-MNIST when Debian's
+    package is installed, else scikit-learn's digits upscaled (bilinear) with
+    a little noise, so every image is distinct and has structure."""
+    if os.path.isdir(emc2_tf.DEFAULT_FASHION_MNIST_DIR):
+        data = emc2_tf.load_fashion_mnist()
+        return data.train_images[:count], data.train_labels[:count]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    index = np.arange(count) % len(digits.images)
+    upscaled = tf.image.resize(digits.images[index][..., None] * (255.0 / 16.0), [28, 28])
+    noise = np.random.default_rng(0).normal(0.0, 8.0, upscaled.shape)
+    images = np.clip(np.rint(upscaled.numpy() + noise), 0, 255).astype(np.uint8)
+    return images, digits.target[index]
+
+
+def test_a_png_folder_trains_bit_identically_to_its_in_memory_arrays(tmp_path):
+    """Issue 18's equivalence: 2,000 Fashion-MNIST(-like) images written as a PNG
+    folder. The folder source must give the same labels and order as the array,
+    the same batch indices and bit-identical views (SimCLR augmentations), and
+    bit-identical weights and chains after one epoch of EMC² (default options,
+    a small CNN, B = 64, same seed).
+
+    Catches any difference between decoding files and gathering rows (order,
+    dtype, channels, scaling), a pipeline whose batches depend on the source,
+    and a folder read that is not the array's pixels exactly."""
+    import keras
+
+    from emc2_tf.data.folder import ImageFolderSource
+
+    images, labels = _fashion_like(2000)
+    folder = ImageFolderSource(_write_png_folder(tmp_path / "fashion", images, labels))
+    order = [int(os.path.basename(path)[:5]) for path in folder.files]  # (class, name) order
+    arrays = images[order]
+    np.testing.assert_array_equal(folder.labels, labels[order])
+    augment = emc2_tf.AugmentConfig()
+    from_folder = emc2_tf.make_two_view_dataset(folder, 64, augment, seed=0)
+    from_arrays = emc2_tf.make_two_view_dataset(arrays, 64, augment, seed=0)
+    for a, b in zip(_epoch(from_folder), _epoch(from_arrays), strict=True):
+        for key in ("index", "view1", "view2"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    weights = []
+    for source in (folder, arrays):
+        keras.utils.set_random_seed(0)  # a two-layer CNN: the library's takes 1.3 s a step here
+        encoder = keras.Sequential([
+            keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(16),
+            keras.layers.UnitNormalization()])
+        model = emc2_tf.EMC2Model(encoder, 2000, seed=0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.fit(emc2_tf.make_two_view_dataset(source, 64, augment, seed=0), epochs=1,
+                  verbose=0)
+        weights.append([np.asarray(weight) for weight in model.weights])
+    assert int(model.optimizer.iterations.numpy()) == 31
+    assert (weights[0][0] >= 0).sum() > 1000  # chain_index: the chains moved
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_file_that_fails_to_read_during_fit_is_one_line_naming_it(tmp_path):
+    """A PNG damaged after the folder was scanned (same size: the scan's fingerprint
+    cannot see it) stops `fit` with one `ValueError` naming the file, not a
+    TensorFlow traceback, from the pipeline's read and from EMC²'s image table.
+
+    Catches `fit` not asking the dataset's source (`image_source`) or the model's
+    table (`image_sources()`) to name the file."""
+    import keras
+
+    from emc2_tf.data.folder import ImageFolderSource
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1), np.uint8)
+    folder = ImageFolderSource(_write_png_folder(tmp_path / "flat", images))
+    damaged = folder.path(5)
+    size = os.path.getsize(damaged)
+    with open(damaged, "r+b") as handle:  # keep the PNG signature and end, break the rest
+        handle.seek(16)
+        handle.write(b"\xff" * (size - 28))
+    for table, dataset_images in ((None, folder), (folder, images)):
+        model = emc2_tf.EMC2Model(_tiny_encoder((4, 4, 1)), 16, images=table,
+                                  out_of_batch="reencode" if table is not None else "drop")
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        if table is not None:  # every chain starts on image 5: the table reads it at once
+            model.chain_index.assign(np.full(16, 5, np.int32))
+            model.chain_log_score.assign(np.zeros(16, np.float32))
+        with pytest.raises(ValueError) as error:
+            model.fit(emc2_tf.make_two_view_dataset(dataset_images, 8, augment=None),
+                      epochs=1, verbose=0)
+        message = str(error.value)
+        assert message.startswith(f"image file {damaged} cannot be read or decoded")
+        assert "\n" not in message and "Traceback" not in message
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

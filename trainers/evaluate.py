@@ -56,6 +56,7 @@ def saved_model_embedder(path: str):
     import numpy as np
     import tensorflow as tf
 
+    from emc2_tf.data.batch import as_float_images  # uint8 data sets: scaled per batch
     from emc2_tf.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
@@ -69,7 +70,8 @@ def saved_model_embedder(path: str):
 
     def embed(images, batch_size: int = 512):
         chunks = [
-            signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME]
+            signature(**{INPUT_NAME: as_float_images(images[start : start + batch_size])})[
+                OUTPUT_NAME]
             .numpy() for start in range(0, len(images), batch_size)
         ]
         return np.concatenate(chunks)

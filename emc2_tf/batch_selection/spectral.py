@@ -32,16 +32,21 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
+from emc2_tf.data.image_source import as_source
 from emc2_tf.models.contrastive_model import check_temperature
 
 #: Largest group k·B accepted by default: a 4096² float64 affinity is 128 MiB.
 DEFAULT_MAX_GROUP_SIZE = 4096
+
+#: Images read, augmented and embedded at a time by a selection.
+SELECTION_CHUNK = 4096
 
 
 def spectral_affinity(view1: np.ndarray, view2: np.ndarray, batch_size: int,
@@ -190,7 +195,9 @@ class SpectralBatchSelection(keras.callbacks.Callback):
     ```
 
     Args:
-        images: float32 `[N, H, W, C]`, the images the dataset indexes.
+        images: the images the dataset indexes: an array `[N, H, W, C]`
+            (uint8 0..255 or float in [0, 1]) or an `ImageSource`, read in
+            chunks of `SELECTION_CHUNK` images.
         batch_size: B.
         temperature: τ of the affinity (authors: 0.1).
         every_k_epochs: re-select every this many epochs.
@@ -203,7 +210,7 @@ class SpectralBatchSelection(keras.callbacks.Callback):
 
     def __init__(
         self,
-        images: np.ndarray,
+        images: Any,
         batch_size: int,
         temperature: float = 0.1,
         every_k_epochs: int = 1,
@@ -215,10 +222,8 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         verbose: bool = True,
     ):
         super().__init__()
-        images = np.asarray(images)
-        if images.ndim != 4:
-            raise ValueError(f"images must have shape [N, H, W, C]; got {images.shape}.")
-        num_images = images.shape[0]
+        self.source = as_source(images, "images")
+        num_images = self.source.num_images
         if num_images > max_dataset_size:
             raise ValueError(
                 f"Spectral batch selection refuses N={num_images} images (max_dataset_size="
@@ -233,6 +238,7 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         ):
             raise ValueError(f"every_k_epochs must be an integer ≥ 1; got {every_k_epochs!r}.")
         self.images = images
+        self.num_images = num_images
         self.batch_size = int(batch_size)
         self.num_batches = num_images // self.batch_size
         self.temperature = check_temperature(temperature)
@@ -263,24 +269,26 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         """What a training checkpoint must hold to resume between two selections."""
         return tf.train.Checkpoint(selection=self.selection, selected_epoch=self.selected_epoch)
 
-    def _views(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.augment is None:
-            return self.images, self.images
-        views = []
-        for view in (0, 1):
-            chunks = []
-            for chunk, start in enumerate(range(0, len(self.images), 4096)):
-                seed = tf.constant([self.seed * 7919 + epoch, 2 * chunk + view], tf.int32)
-                chunks.append(self.augment(self.images[start : start + 4096], seed=seed).numpy())
-            views.append(np.concatenate(chunks))
-        return views[0], views[1]
+    def _embedded_views(self, encoder: keras.Model, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Both views' embeddings `[N, D]`, read, augmented and embedded chunk by
+        chunk (`SELECTION_CHUNK` images): the images are never all float at once."""
+        embedded = ([], [])
+        for chunk, start in enumerate(range(0, self.num_images, SELECTION_CHUNK)):
+            index = tf.range(start, min(start + SELECTION_CHUNK, self.num_images), dtype=tf.int64)
+            images = self.source.to_float(self.source.read(index))
+            for view, out in enumerate(embedded):
+                if self.augment is not None:
+                    seed = tf.constant([self.seed * 7919 + epoch, 2 * chunk + view], tf.int32)
+                    views = self.augment(images, seed=seed)
+                else:
+                    views = images
+                out.append(encoder.predict(views, batch_size=512, verbose=0))
+        return np.concatenate(embedded[0]), np.concatenate(embedded[1])
 
     def select(self, encoder: keras.Model, epoch: int = 0) -> np.ndarray:
         """Runs one selection with `encoder`; returns and keeps the batches."""
         started = time.time()
-        view1, view2 = self._views(epoch)
-        z1 = encoder.predict(view1, batch_size=512, verbose=0)
-        z2 = encoder.predict(view2, batch_size=512, verbose=0)
+        z1, z2 = self._embedded_views(encoder, epoch)
         batches = spectral_batches(
             z1, z2, self.batch_size, self.temperature, self.groups_k,
             np.random.default_rng([self.seed, epoch]), self.max_group_size,
@@ -312,6 +320,6 @@ class SpectralBatchSelection(keras.callbacks.Callback):
         rng = np.random.default_rng([self.seed, 1_000_003, int(epoch)])
         batches = self.batches
         if batches is None:
-            order = rng.permutation(len(self.images))[: self.num_batches * self.batch_size]
+            order = rng.permutation(self.num_images)[: self.num_batches * self.batch_size]
             return order.reshape(self.num_batches, self.batch_size).astype(np.int64)
         return batches[rng.permutation(len(batches))]

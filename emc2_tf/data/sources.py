@@ -1,11 +1,13 @@
-"""Image data sets as in-memory arrays with a train / held-out split.
+"""Image data sets with a train / held-out split: in-memory arrays or image sources.
 
-Every loader returns an `ImageDataset`: float32 images `[N, H, W, C]` with
-values in [0, 1] and integer labels (used only for evaluation: pre-training
-never sees them). Nothing here downloads: digits ship inside scikit-learn,
-Fashion-MNIST comes from Debian's `dataset-fashion-mnist` package (or any
-folder of the four idx files), tfds data sets load from a prepared
-`data_dir`.
+Every loader returns an `ImageDataset`: images `[N, H, W, C]` as stored
+(uint8 0..255 for 8-bit data such as Fashion-MNIST, float in [0, 1]
+otherwise, e.g. digits' k/16) and integer labels (used only for evaluation:
+pre-training never sees them). Each split may instead be an `ImageSource`
+(`from_sources`: a folder of files, ...), read by index per batch. Nothing
+here downloads: digits ship inside scikit-learn, Fashion-MNIST comes from
+Debian's `dataset-fashion-mnist` package (or any folder of the four idx
+files), tfds data sets load from a prepared `data_dir`.
 """
 
 from __future__ import annotations
@@ -20,36 +22,54 @@ from typing import Any
 import numpy as np
 
 from emc2_tf.checks import check_images
+from emc2_tf.data.image_source import ImageSource, SubsetSource
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-    """Train and held-out images (float32 in [0, 1], NHWC) with labels."""
+    """Train and held-out images with labels.
+
+    Each split's images are an array `[N, H, W, C]` (uint8 0..255, or float
+    in [0, 1]) or an `ImageSource`; everything that takes a split
+    (`make_two_view_dataset`, EMC²'s image table, `embed`,
+    `evaluate_encoder`, `SpectralBatchSelection`) takes either. Labels are
+    int64 `[N]`, or None for an unlabelled split; `test_images` is None when
+    there is no held-out split (nothing to evaluate on).
+    """
 
     name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    train_images: Any
+    train_labels: np.ndarray | None
+    test_images: Any
+    test_labels: np.ndarray | None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if isinstance(self.train_images, ImageSource):
+            return tuple(self.train_images.image_shape)
         return tuple(self.train_images.shape[1:])
 
     @property
     def num_train(self) -> int:
-        return int(self.train_images.shape[0])
+        return int(len(self.train_images))
 
     @property
-    def num_classes(self) -> int:
-        return int(max(self.train_labels.max(), self.test_labels.max()) + 1)
+    def num_classes(self) -> int | None:
+        """Largest label + 1 over the labelled splits, or None when unlabelled."""
+        labelled = [labels for labels in (self.train_labels, self.test_labels)
+                    if labels is not None and len(labels)]
+        if not labelled:
+            return None
+        return int(max(labels.max() for labels in labelled) + 1)
 
 
-def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
+def _as_images(images: np.ndarray, name: str, keep_uint8: bool = False) -> np.ndarray:
     """`images` (`[N, H, W]` or `[N, H, W, C]`) as float32 in [0, 1]: 8-bit integer
-    pixels (0..255) scaled by 1/255, float pixels checked (`check_images`)."""
+    pixels (0..255) scaled by 1/255, float pixels checked (`check_images`).
+    `keep_uint8`: 8-bit integer pixels stay uint8 (a quarter of the memory; the
+    pipeline scales each batch by 1/255)."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[..., None]
@@ -59,6 +79,8 @@ def _as_float_images(images: np.ndarray, name: str) -> np.ndarray:
         )
     check_images(images, name)  # before any conversion: the range found is the caller's
     if np.issubdtype(images.dtype, np.integer):
+        if keep_uint8:
+            return images.astype(np.uint8, copy=False)
         return images.astype(np.float32) / np.float32(255.0)
     return images.astype(np.float32)
 
@@ -69,6 +91,7 @@ def from_arrays(
     test_images: Any,
     test_labels: Any,
     name: str = "arrays",
+    keep_uint8: bool = False,
 ) -> ImageDataset:
     """Wraps in-memory arrays as an `ImageDataset` (float32 images in [0, 1]).
 
@@ -76,10 +99,12 @@ def from_arrays(
     holding 0..255), scaled by 1/255, or float with every value in [0, 1].
     Float values outside [0, 1] (e.g. 0..255 pixels not divided by 255), NaN
     or inf are refused with a one-line `ValueError` naming the argument and
-    the range found (`emc2_tf.checks.check_images`).
+    the range found (`emc2_tf.checks.check_images`). `keep_uint8`: 8-bit
+    pixels stay uint8 (a quarter of the memory; every consumer scales each
+    batch by 1/255, with the same values).
     """
-    train = _as_float_images(train_images, f"{name} train_images")
-    test = _as_float_images(test_images, f"{name} test_images")
+    train = _as_images(train_images, f"{name} train_images", keep_uint8)
+    test = _as_images(test_images, f"{name} test_images", keep_uint8)
     train_labels = np.asarray(train_labels).astype(np.int64).reshape(-1)
     test_labels = np.asarray(test_labels).astype(np.int64).reshape(-1)
     if len(train_labels) != len(train) or len(test_labels) != len(test):
@@ -95,12 +120,32 @@ def from_arrays(
     return ImageDataset(name, train, train_labels, test, test_labels)
 
 
+def from_sources(train: ImageSource, test: ImageSource | None = None,
+                 name: str | None = None) -> ImageDataset:
+    """An `ImageDataset` whose splits are image sources, read by index per batch.
+
+    Labels come from the sources (None for an unlabelled one); `test` None
+    means no held-out split (training without evaluation). The two sources
+    must hold images of one shape.
+    """
+    if not isinstance(train, ImageSource) or not (test is None or isinstance(test, ImageSource)):
+        raise ValueError("from_sources takes ImageSource objects (e.g. emc2_tf.ImageFolderSource "
+                         "or emc2_tf.ArraySource); for arrays use from_arrays.")
+    if test is not None and tuple(test.image_shape) != tuple(train.image_shape):
+        raise ValueError(f"{test.name}: held-out images of shape {tuple(test.image_shape)} differ "
+                         f"from the training images' {tuple(train.image_shape)} ({train.name}).")
+    return ImageDataset(name or train.name, train, train.labels, test,
+                        None if test is None else test.labels)
+
+
 def subset_train(data: ImageDataset, train_size: int, seed: int = 0) -> ImageDataset:
     """`data` with only `train_size` of its training images, stratified by label.
 
     The subset keeps each class' share of the training set (scikit-learn's
     `train_test_split(stratify=labels, random_state=seed)`) and the images'
-    original order; the held-out split is untouched. `train_size` 0 or
+    original order; the held-out split is untouched. An unlabelled split
+    gets a uniform random subset (same seed), a source split a
+    `SubsetSource` (only the chosen positions are held). `train_size` 0 or
     equal to `data.num_train` returns `data` itself. The result is the
     same dataset type (`dataclasses.replace`), so everything built from it
     (`num_train`, an EMC² image table, evaluation, batch selection) sees
@@ -119,6 +164,10 @@ def subset_train(data: ImageDataset, train_size: int, seed: int = 0) -> ImageDat
                          f"{data.num_train} training images of {data.name}); got {train_size}.")
     if train_size in (0, data.num_train):
         return data
+    if data.train_labels is None:  # unlabelled: nothing to stratify by
+        keep = np.sort(np.random.default_rng(seed).choice(data.num_train, train_size,
+                                                          replace=False))
+        return _keep_train(data, keep)
     labels = np.asarray(data.train_labels)
     classes = len(np.unique(labels))
     if train_size < classes:
@@ -138,16 +187,24 @@ def subset_train(data: ImageDataset, train_size: int, seed: int = 0) -> ImageDat
         except ValueError as error:  # e.g. a class with a single image
             raise ValueError(f"train_size={train_size}: no stratified subset of {data.name} "
                              f"({error})") from None
-    keep = np.sort(keep)
-    return dataclasses.replace(data, train_images=data.train_images[keep],
-                               train_labels=data.train_labels[keep])
+    return _keep_train(data, np.sort(keep))
+
+
+def _keep_train(data: ImageDataset, keep: np.ndarray) -> ImageDataset:
+    """`data` with training images `keep` (sorted positions) only."""
+    if isinstance(data.train_images, ImageSource):
+        images = SubsetSource(data.train_images, keep)
+    else:
+        images = data.train_images[keep]
+    labels = None if data.train_labels is None else data.train_labels[keep]
+    return dataclasses.replace(data, train_images=images, train_labels=labels)
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes), split stratified.
 
     The data ship inside scikit-learn: no download. Pixel values 0..16 are
-    scaled to [0, 1].
+    scaled to [0, 1] (float32: k/16 is not a uint8 value).
     """
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
@@ -206,7 +263,9 @@ def _find_idx(directory: str, stem: str) -> str:
 
 
 def load_fashion_mnist(directory: str | None = None) -> ImageDataset:
-    """Fashion-MNIST (60k train / 10k test, 28x28 grey) from idx files.
+    """Fashion-MNIST (60k train / 10k test, 28x28 grey) from idx files, kept as
+    uint8 0..255 (each batch is scaled by 1/255 where it is used: 47 MiB of
+    training images, not 188 MiB).
 
     Args:
         directory: folder with `train-images-idx3-ubyte(.gz)` and the three
@@ -222,7 +281,7 @@ def load_fashion_mnist(directory: str | None = None) -> ImageDataset:
             "t10k-labels-idx1-ubyte",
         )
     ]
-    return from_arrays(*arrays, name="fashion_mnist")
+    return from_arrays(*arrays, name="fashion_mnist", keep_uint8=True)
 
 
 def load_tfds(

@@ -13,6 +13,8 @@ anchors so memory is O(chunk · N)): the yardstick for tests and monitoring.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -54,13 +56,18 @@ def global_contrastive_loss(
 
 
 def exact_global_contrastive_loss(
-    encoder: keras.Model, images: np.ndarray, temperature: float, batch_size: int = 512
+    encoder: keras.Model, images: Any, temperature: float, batch_size: int = 512
 ) -> float:
     """Global contrastive loss of `encoder` over a whole (small) data set.
 
     Uses the un-augmented images as both views (fixed augmentation = the
     identity), so the value is deterministic and comparable across epochs.
+    `images`: an array (uint8 0..255 or float in [0, 1]) or an
+    `ImageSource`, embedded `batch_size` images at a time (only the `[N, D]`
+    embeddings are held; the loss itself is O(N²) compute).
     """
-    embeddings = encoder.predict(images, batch_size=batch_size, verbose=0)
-    embeddings = tf.constant(embeddings, tf.float32)
+    from emc2_tf.evaluation import embed
+
+    embeddings = tf.constant(embed(encoder, images, features="embedding",
+                                   batch_size=batch_size), tf.float32)
     return float(global_contrastive_loss(embeddings, embeddings, temperature))
