@@ -65,11 +65,6 @@ def float_batches(images: Any, batch_size: int = EVALUATION_BATCH_SIZE) -> Itera
         yield as_float_images(images[start : start + batch_size])
 
 
-def num_images(images: Any) -> int:
-    """N of an array `[N, ...]` or an `ImageSource`."""
-    return images.num_images if isinstance(images, ImageSource) else len(images)
-
-
 def embed(
     encoder: keras.Model, images: Any, features: str = "backbone",
     batch_size: int = EVALUATION_BATCH_SIZE,
