@@ -29,8 +29,8 @@ def test_each_worker_dataset_holds_its_replicas_rows_of_the_global_batch():
     """Catches a worker pipeline that reads other rows than its replicas' slices of
     each global batch (tf.distribute's split: replica r gets rows r·b … r·b + b − 1,
     worker-major), views augmented with draws of their own instead of the whole
-    batch's (a worker's views would differ from the one-process views), or several
-    local replicas not given one slice each."""
+    batch's (a worker's views would differ from the one-process views), several
+    local replicas not given one slice each, or indices left unchecked."""
     images = np.random.default_rng(0).integers(0, 256, (40, 6, 6, 3), np.uint8)
     dataset = emc2_tf.make_two_view_dataset(images, 8, emc2_tf.AugmentConfig(), seed=4)
     whole = _epoch(dataset)
@@ -50,6 +50,9 @@ def test_each_worker_dataset_holds_its_replicas_rows_of_the_global_batch():
                         np.testing.assert_array_equal(
                             got[key], batch[key][first:first + per_replica],
                             err_msg=f"{workers} workers, {replicas} replicas: {key}")
+    # The whole batch's indices are checked before the worker cuts out its rows.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sample index out of range"):
+        _epoch(dataset.worker_dataset(tf.distribute.InputContext(2, 1, 2), dataset_size=39))
 
 
 def _free_port():
