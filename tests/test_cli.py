@@ -120,7 +120,7 @@ def test_train_cli_on_real_fashion_mnist(tmp_path):
     define_train_flags(run_flags)
     run_flags(["train", *args])
     run = build_run("train", run_flags)  # the run's initial weights
-    images = run.data.train_images[:5000]
+    images = emc2_tf.data.batch.as_float_images(run.data.train_images[:5000]).numpy()
     served = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
     trained = np.concatenate([served(images=tf.constant(images[start:start + 500]))["embedding"]
                               for start in range(0, len(images), 500)])

@@ -123,10 +123,12 @@ def test_large_inverse_temperature_does_not_overflow():
 
 
 def _dense_encoder(dim, seed=0):
-    """A trainable encoder on 1×1 "images": Dense then L2 normalisation (deterministic)."""
+    """A trainable encoder on 1×1 `embedding_images`: back to [−1, 1], Dense, then L2
+    normalisation (deterministic)."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((1, 1, dim)), keras.layers.Reshape((dim,)),
-                             keras.layers.Dense(dim), keras.layers.UnitNormalization()])
+    return keras.Sequential([keras.Input((1, 1, dim)), keras.layers.Rescaling(2.0, offset=-1.0),
+                             keras.layers.Reshape((dim,)), keras.layers.Dense(dim),
+                             keras.layers.UnitNormalization()])
 
 
 @pytest.mark.parametrize("gamma", [0.9, 0.5])
