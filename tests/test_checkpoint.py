@@ -287,7 +287,13 @@ def test_a_state_file_that_disagrees_stops_restore_and_nothing_is_lost(
     assert message == (f"{directory}: ckpt-6, ckpt-12 on disk; its state file "
                        f"{directory / 'checkpoint'} {problem}; restore one explicitly by its "
                        f"path (the newest complete one is {directory / 'ckpt-12'}).")
-    assert [r.getMessage() for r in records] == []  # no ParseError / "Checkpoint ignored"
+    # No ParseError / "Checkpoint ignored". Left out: the warnings TensorFlow logs when
+    # the garbage collector deletes another test's partly restored checkpoint (they
+    # come and go with the xdist worker's test order).
+    unrelated = ("Detecting that an object or model or tf.train.Checkpoint is being deleted",
+                 "Value in checkpoint could not be found in the restored object")
+    assert [r.getMessage() for r in records
+            if not r.getMessage().startswith(unrelated)] == []
     earlier = {k: v for k, v in before.items() if k.startswith("ckpt-")}
     assert {k: v for k, v in _checkpoint_digest(directory).items()
             if k.startswith("ckpt-") and not k.startswith("ckpt-13")} == earlier
