@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.batch import as_float_images
-from emc2_tf.data.image_source import ImageSource
+from emc2_tf.data.image_source import ImageSource, SourceReadError
 from emc2_tf.encoders import BACKBONE_NAME
 
 #: Images per batch when features are computed from an array or a source.
@@ -56,10 +56,22 @@ def _compiled_forward(model: keras.Model):
 
 def float_batches(images: Any, batch_size: int = EVALUATION_BATCH_SIZE) -> Iterator[tf.Tensor]:
     """`images` as float32 batches in [0, 1], in order: an `ImageSource` read by
-    index (`iter_batches`), an array (or tensor) converted chunk by chunk
+    index (`iter_batches`; a file that cannot be read is a one-line
+    `SourceReadError` naming it), an array (or tensor) converted chunk by chunk
     (uint8 scaled by 1/255: `as_float_images`), never the whole at once."""
     if isinstance(images, ImageSource):
-        yield from images.iter_batches(batch_size)
+        batches = iter(images.iter_batches(batch_size))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except tf.errors.OpError as error:  # e.g. a file damaged inside: one line
+                message = images.read_error(error)
+                if message is None:
+                    raise
+                raise SourceReadError(message) from None
+            yield batch
         return
     for start in range(0, len(images), batch_size):
         yield as_float_images(images[start : start + batch_size])
@@ -213,29 +225,45 @@ def representation_metrics(encoder, images: Any, augment=None, seed: int = 0,
     return results
 
 
+def evaluation_unavailable(dataset) -> str | None:
+    """Why `evaluate_encoder` cannot score `dataset` (one line), or None when it can:
+    the 1-NN and the probe fit on labelled training images and score labelled
+    held-out ones (a label -1, TFDS' "no label", does not count)."""
+    for split, labels in (("training", dataset.train_labels), ("held-out", dataset.test_labels)):
+        if split == "held-out" and dataset.test_images is None:
+            return f"{dataset.name} has no held-out split"
+        if labels is None or not np.any(np.asarray(labels) >= 0):
+            return f"the {split} images of {dataset.name} have no labels"
+    return None
+
+
 def evaluate_encoder(encoder: keras.Model, dataset, linear_probe: bool = True,
                      representation: bool = False, augment=None) -> dict[str, float]:
     """1-NN (and linear-probe) accuracy of the encoder on an `ImageDataset`.
 
     The splits may be arrays or `ImageSource`s (features computed in
-    batches); both need labels. With `representation`, also the held-out
-    split's alignment (needs `augment`), uniformity and effective rank
-    (`representation_metrics`).
+    batches); both need labels. Images labelled -1 (no label, e.g. STL-10's
+    `unlabelled` split inside `train+unlabelled`) are left out: only the
+    labelled ones are embedded and scored. With `representation`, also the
+    held-out split's alignment (needs `augment`), uniformity and effective
+    rank (`representation_metrics`).
     """
-    if dataset.test_images is None or dataset.train_labels is None or (
-            dataset.test_labels is None):
-        raise ValueError(f"{dataset.name}: evaluation needs a labelled training split and a "
-                         "labelled held-out split (this data set has no labels or no held-out "
-                         "images).")
-    train = embed(encoder, dataset.train_images)
-    test = embed(encoder, dataset.test_images)
-    results = {"knn_accuracy": knn_accuracy(train, dataset.train_labels, test, dataset.test_labels)}
+    from emc2_tf.data.catalog import labelled_part
+
+    reason = evaluation_unavailable(dataset)
+    if reason:
+        raise ValueError(f"{reason}: evaluation needs labelled training and held-out images.")
+    train_images, train_labels = labelled_part(dataset.train_images, dataset.train_labels)
+    test_images, test_labels = labelled_part(dataset.test_images, dataset.test_labels)
+    train = embed(encoder, train_images)
+    test = embed(encoder, test_images)
+    results = {"knn_accuracy": knn_accuracy(train, train_labels, test, test_labels)}
     if linear_probe:
         results["linear_probe_accuracy"] = linear_probe_accuracy(
-            train, dataset.train_labels, test, dataset.test_labels
+            train, train_labels, test, test_labels
         )
     if representation:
-        results.update(representation_metrics(encoder, dataset.test_images, augment))
+        results.update(representation_metrics(encoder, test_images, augment))
     return results
 
 

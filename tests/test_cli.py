@@ -33,7 +33,7 @@ def test_train_cli_trains_evaluates_and_exports(tmp_path):
     assert os.listdir(tmp_path / "tb" / "emc2")  # TensorBoard event files
     assert sorted(os.listdir(tmp_path / "ck")) == [
         ".lock", "checkpoint", "ckpt-44.data-00000-of-00001", "ckpt-44.index",
-        "ckpt-88.data-00000-of-00001", "ckpt-88.index", "flags.txt"]
+        "ckpt-88.data-00000-of-00001", "ckpt-88.index", "data.txt", "flags.txt"]
 
 
 def test_cli_rejects_bad_flags_with_one_clear_line(tmp_path):

@@ -139,6 +139,11 @@ def test_serving_answers_nan_for_an_invalid_image_and_the_others_unchanged(tmp_p
 #: here (with why) or pass that audit.
 METHOD_INDEPENDENT = {
     "dataset": "the data set", "data_dir": "the data set", "train_size": "the data set",
+    # The data flags act on the data set, each only for some kinds of --dataset:
+    # trainers.common.check_data_flags refuses them elsewhere (test_cli_data.py).
+    "test_data_dir": "the data set", "test_fraction": "the data set",
+    "image_size": "the data set", "skip_corrupt": "the data set",
+    "train_split": "the data set", "test_split": "the data set", "download": "the data set",
     "epochs": "fit's length", "batch_size": "the pipeline's batches",
     "learning_rate": "the optimizer", "optimizer": "the optimizer",
     "weight_decay": "the optimizer", "warmup_epochs": "the optimizer's schedule",

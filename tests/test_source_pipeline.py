@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import emc2_tf
 from emc2_tf.data.image_source import ArraySource
+from fake_data import write_png_folder
 from helpers import ROOT
 
 SOURCE_WORKER = os.path.join(ROOT, "tests", "source_worker.py")
@@ -117,16 +118,7 @@ def test_two_workers_each_read_only_their_share_and_train_identically(tmp_path):
 # -- EMC²'s image table ----------------------------------------------------------------
 
 
-def _write_png_folder(directory, images, labels=None):
-    """Writes uint8 `[N, H, W, 1]` images as PNG files whose sorted order is the
-    index order (class folders `c<label>` when labelled); returns the folder."""
-    from PIL import Image
-
-    for i, image in enumerate(images):
-        folder = directory if labels is None else directory / f"c{labels[i]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image[..., 0]).save(folder / f"{i:05d}.png")
-    return str(directory)
+_write_png_folder = write_png_folder
 
 
 def _tiny_encoder(shape):
@@ -266,7 +258,7 @@ def test_evaluation_from_sources_equals_evaluation_from_arrays(tmp_path):
     logs = {}
     callback.on_epoch_end(0, logs)
     assert logs == {"knn_accuracy": expected["knn_accuracy"]}
-    with pytest.raises(ValueError, match="evaluation needs a labelled training split"):
+    with pytest.raises(ValueError, match="have no labels: evaluation needs labelled"):
         emc2_tf.evaluate_encoder(encoder, emc2_tf.from_sources(ArraySource(train)))
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from emc2_tf.data.folder import ImageFolderSource
 from emc2_tf.data.tfds_source import NO_LABEL, TFDSSource, _import_tfds, prepare_tfds
+from fake_data import store_tfds, tfds_examples
 from helpers import run_python
 
 tfds = _import_tfds()
@@ -30,22 +31,8 @@ def _one_line_error(call) -> str:
     return message
 
 
-def _examples(count, shape, labelled, seed):
-    rng = np.random.default_rng(seed)
-    return [(i, {"image": rng.integers(0, 256, shape, dtype=np.uint8),
-                 "label": int(rng.integers(0, 10)) if labelled else NO_LABEL})
-            for i in range(count)]
-
-
-def _store(data_dir, name, splits, shape=(96, 96, 3), file_format="tfrecord",
-           disable_shuffling=False):
-    """Writes `splits` ({split: [(key, example)]}) as TFDS data set `name` 1.0.0."""
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=shape),
-        "label": tfds.features.ClassLabel(num_classes=10)})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name, "1.0.0", features, splits, data_dir=str(data_dir), file_format=file_format,
-        disable_shuffling=disable_shuffling)
+_examples = tfds_examples
+_store = store_tfds
 
 
 def _tfds_load(name, split, data_dir):

@@ -104,6 +104,7 @@ def check_flag_combinations(program: str, run_flags) -> None:
             fail(program, f"--{flag}={value} has no effect with --{governing}="
                           f"{run_flags[governing].value}; it acts under --{governing}="
                           f"{'|'.join(acting)}: drop it, or pass one of those.")
+    check_data_flags(program, run_flags)
 
 
 def method_arguments(run_flags, data) -> dict:
@@ -130,24 +131,108 @@ def checkpoint_dir(run_flags) -> str:
     return run_flags.checkpoint_dir
 
 
-def load_data(program: str, dataset: str, data_dir: str | None):
+#: The built-in data sets; any other `--dataset` is a TFDS data set name.
+BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+
+#: Data flags that act only on some kinds of `--dataset`: flag → the kinds
+#: (`folder`, `tfds`). Given a non-default value for another kind, they would
+#: change nothing: `check_data_flags` refuses them.
+DATA_FLAGS = {
+    "test_data_dir": ("folder",),
+    "test_fraction": ("folder",),
+    "skip_corrupt": ("folder",),
+    "image_size": ("folder", "tfds"),
+    "train_split": ("tfds",),
+    "test_split": ("tfds",),
+    "download": ("tfds",),
+}
+
+
+def dataset_kind(dataset: str) -> str:
+    """`digits` | `fashion_mnist` | `folder` | `tfds` (any other name)."""
+    return dataset if dataset in BUILTIN_DATASETS else "tfds"
+
+
+def check_data_flags(program: str, run_flags) -> None:
+    """Refuses data flags the `--dataset` does not use, `--test_fraction` beside
+    `--test_data_dir`, and `--dataset=folder` without `--data_dir`, each in one
+    line naming the flags."""
+    kind = dataset_kind(run_flags.dataset)
+    for flag, kinds in DATA_FLAGS.items():
+        value = run_flags[flag].value
+        if value != run_flags[flag].default and kind not in kinds:
+            acting = " and ".join("a TFDS data set name" if k == "tfds" else f"--dataset={k}"
+                                  for k in kinds)
+            fail(program, f"--{flag}={value} has no effect with --dataset={run_flags.dataset}; "
+                          f"it applies to {acting}.")
+    if kind == "folder" and not run_flags.data_dir:
+        fail(program, "--dataset=folder needs --data_dir=DIR: the folder of images (one "
+                      "sub-folder per class, or a flat folder of unlabelled images).")
+    if run_flags.test_data_dir and run_flags.test_fraction != run_flags["test_fraction"].default:
+        fail(program, f"--test_fraction={run_flags.test_fraction} has no effect with "
+                      f"--test_data_dir={run_flags.test_data_dir} (the held-out images are that "
+                      "folder's): drop one of them.")
+
+
+def data_options(run_flags) -> dict:
+    """`emc2_tf.load_dataset`'s options for the run's kind of `--dataset`."""
+    options = {"folder": {"test_data_dir": run_flags.test_data_dir,
+                          "test_fraction": run_flags.test_fraction,
+                          "image_size": run_flags.image_size,
+                          "skip_corrupt": run_flags.skip_corrupt},
+               "tfds": {"train_split": run_flags.train_split,
+                        "test_split": run_flags.test_split,
+                        "download": run_flags.download,
+                        "image_size": run_flags.image_size}}
+    return options.get(dataset_kind(run_flags.dataset), {})
+
+
+def load_data(program: str, dataset: str, data_dir: str | None, **options):
+    """`emc2_tf.load_dataset(dataset, data_dir, **options)`; a bad data set or
+    file is one line naming `--dataset`, and skipped files are reported."""
     import emc2_tf
 
     try:
-        return emc2_tf.load_dataset(dataset, data_dir)
+        data = emc2_tf.load_dataset(dataset, data_dir, **options)
     except (FileNotFoundError, ValueError) as error:
         fail(program, f"--dataset={dataset}: {error}")
+    for line in skipped_files(data):
+        print(f"{program}: {line}", file=sys.stderr)
+    return data
+
+
+def skipped_files(data) -> list[str]:
+    """One line per image folder of `data` that skipped unreadable files
+    (`--skip_corrupt`)."""
+    lines = []
+    for images in {id(s): s for s in (data.train_images, data.test_images)}.values():
+        while hasattr(images, "source"):  # a SubsetSource: the folder behind it
+            images = images.source
+        summary = getattr(images, "skipped_summary", lambda: "")()
+        if summary and summary not in lines:
+            lines.append(summary)
+    return lines
 
 
 def load_run_data(program: str, run_flags):
-    """The run's data set: `--dataset`, then the `--train_size` subset (stratified, `--seed`)."""
+    """The run's data set: `--dataset` with its data flags, then the
+    `--train_size` subset (stratified, `--seed`)."""
     import emc2_tf
 
-    data = load_data(program, run_flags.dataset, run_flags.data_dir)
+    data = load_data(program, run_flags.dataset, run_flags.data_dir, **data_options(run_flags))
     try:
         return emc2_tf.subset_train(data, run_flags.train_size, seed=run_flags.seed)
     except ValueError as error:
         fail(program, f"--train_size={run_flags.train_size}: {error}")
+
+
+def data_fingerprint(data) -> str:
+    """The identity of the training images the chain state is indexed by: the
+    source's fingerprint (a folder: N and every path with its size; an array:
+    N, shape and dtype)."""
+    from emc2_tf.data.image_source import as_source
+
+    return as_source(data.train_images, "train_images").fingerprint()
 
 
 def check_warmup(program: str, run_flags) -> None:

@@ -56,7 +56,7 @@ def saved_model_embedder(path: str):
     import numpy as np
     import tensorflow as tf
 
-    from emc2_tf.data.batch import as_float_images  # uint8 data sets: scaled per batch
+    from emc2_tf.evaluation import float_batches  # arrays or sources, float per batch
     from emc2_tf.export import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
@@ -69,14 +69,20 @@ def saved_model_embedder(path: str):
         fail(f"--saved_model={path} cannot be loaded: {str(error).splitlines()[0]}")
 
     def embed(images, batch_size: int = 512):
-        chunks = [
-            signature(**{INPUT_NAME: as_float_images(images[start : start + batch_size])})[
-                OUTPUT_NAME]
-            .numpy() for start in range(0, len(images), batch_size)
-        ]
+        chunks = [signature(**{INPUT_NAME: batch})[OUTPUT_NAME].numpy()
+                  for batch in float_batches(images, batch_size)]
         return np.concatenate(chunks)
 
     return embed
+
+
+def first_image(images):
+    """Image 0 of an array or a source, as a batch of one."""
+    import emc2_tf
+
+    if isinstance(images, emc2_tf.ImageSource):
+        return emc2_tf.SubsetSource(images, [0])
+    return images[:1]
 
 
 def main(argv):
@@ -120,28 +126,36 @@ def main(argv):
         data = load_data(PROGRAM, dataset, FLAGS.data_dir)
         embed = embed_output = saved_model_embedder(FLAGS.saved_model)
         results.update(saved_model=FLAGS.saved_model, features="embedding")
+    unavailable = emc2_tf.evaluation_unavailable(data)
+    if unavailable:
+        fail(f"--dataset={dataset}: {unavailable}: the 1-NN and the linear probe need labelled "
+             "training and held-out images.")
+    # Images labelled -1 (TFDS' "no label", e.g. STL-10's unlabelled split) are left out.
+    train_images, train_labels = emc2_tf.labelled_part(data.train_images, data.train_labels)
+    test_images, test_labels = emc2_tf.labelled_part(data.test_images, data.test_labels)
     try:
-        train, test = embed(data.train_images), embed(data.test_images)
+        train, test = embed(train_images), embed(test_images)
+    except emc2_tf.SourceReadError as error:
+        fail(str(error))
     except Exception as error:  # e.g. a SavedModel for another image shape
         fail(f"embedding the {data.name} images failed: {str(error).splitlines()[0]}")
     results["dataset"] = data.name
-    results["knn_accuracy"] = emc2_tf.knn_accuracy(train, data.train_labels, test,
-                                                   data.test_labels)
+    results["knn_accuracy"] = emc2_tf.knn_accuracy(train, train_labels, test, test_labels)
     if FLAGS.linear_probe:
         results["linear_probe_accuracy"] = emc2_tf.linear_probe_accuracy(
-            train, data.train_labels, test, data.test_labels)
+            train, train_labels, test, test_labels)
     # Alignment (two augmented views), uniformity and effective rank of the embedding.
     results.update(emc2_tf.representation_metrics(
-        embed_output, data.test_images, emc2_tf.AugmentConfig.for_dataset(dataset),
+        embed_output, test_images, emc2_tf.AugmentConfig.for_dataset(dataset),
         seed=FLAGS.seed, embeddings=test if results["features"] == "embedding" else None))
     if FLAGS.projector_dir:
-        results["projector"] = emc2_tf.export_projector(test, data.test_labels, FLAGS.projector_dir)
+        results["projector"] = emc2_tf.export_projector(test, test_labels, FLAGS.projector_dir)
     print(f"held-out 1-NN accuracy:         {results['knn_accuracy']:.4f}")
     if "linear_probe_accuracy" in results:
         print(f"held-out linear-probe accuracy: {results['linear_probe_accuracy']:.4f}")
     print(f"alignment (lower: closer views): {results['alignment']:.4f}")
     print(f"uniformity (lower: more uniform): {results['uniformity']:.4f}")
-    dimension = embed_output(data.test_images[:1]).shape[1]
+    dimension = embed_output(first_image(test_images)).shape[1]
     print(f"effective rank (of D = {dimension}):     {results['effective_rank']:.2f}")
     if FLAGS.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output_json)), exist_ok=True)

@@ -30,7 +30,8 @@ RUN_DEFINING = (
     "method", "dataset", "data_dir", "batch_size", "temperature", "learning_rate", "seed",
     "encoder", "burn_in", "exact_ratio", "out_of_batch", "waste_recycling", "gamma", "kcl_t",
     "kcl_gamma", "batch_selection", "spectral_every", "spectral_groups", "model_name",
-    "optimizer", "weight_decay", "warmup_epochs", "train_size",
+    "optimizer", "weight_decay", "warmup_epochs", "train_size", "test_fraction", "image_size",
+    "skip_corrupt", "train_split",
 )
 
 
@@ -41,11 +42,43 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string(
         "dataset", "digits",
         "digits (inside scikit-learn) | fashion_mnist (idx files, Debian's "
-        "dataset-fashion-mnist) | the name of a tfds data set prepared under --data_dir.", **fv)
+        "dataset-fashion-mnist) | folder (a folder of images, --data_dir) | the name of a "
+        "TFDS data set (e.g. stl10), read by index from ArrayRecord files in --data_dir.", **fv)
     flags.DEFINE_string(
         "data_dir", None,
         "fashion_mnist: folder of the idx files (default /usr/share/datasets/fashion-mnist); "
-        "tfds data sets: the tfds data_dir. Never downloads.", **fv)
+        "folder: the image folder (one sub-folder per class, or a flat folder: unlabelled); "
+        "TFDS data sets: the TFDS data_dir (default TFDS' own). Downloads only with "
+        "--download.", **fv)
+    flags.DEFINE_string(
+        "test_data_dir", None,
+        "folder only: a separate folder of held-out images (read at the training images' "
+        "size). Default: a labelled folder holds out --test_fraction of its images; an "
+        "unlabelled one trains without evaluation.", **fv)
+    flags.DEFINE_float(
+        "test_fraction", 0.1,
+        "folder only, without --test_data_dir: the share of a labelled folder's images held "
+        "out for evaluation, stratified by class; the same images on every run and seed.",
+        **fv)
+    flags.DEFINE_integer(
+        "image_size", None,
+        "folder and TFDS: resize every image to this many pixels square (default: the first "
+        "image's size; images of other sizes are resized to it).", **fv)
+    flags.DEFINE_bool(
+        "skip_corrupt", False,
+        "folder only: leave out unreadable or corrupt image files (reported with their "
+        "count) instead of refusing the folder.", **fv)
+    flags.DEFINE_string(
+        "train_split", "train",
+        "TFDS only: the split expression trained on, e.g. train+unlabelled (STL-10 as in "
+        "the paper) or train[:90%].", **fv)
+    flags.DEFINE_string(
+        "test_split", "test",
+        "TFDS only: the held-out split expression for evaluation ('' = none).", **fv)
+    flags.DEFINE_bool(
+        "download", False,
+        "TFDS only: let TFDS download and prepare the data set (as ArrayRecord) in "
+        "--data_dir when it is not there. Without it nothing is downloaded.", **fv)
     flags.DEFINE_integer("epochs", 30, "Training epochs (in all, also when resuming).", **fv)
     flags.DEFINE_integer("batch_size", 64, "Images per batch B (2B views).", **fv)
     flags.DEFINE_float(
@@ -173,6 +206,11 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "weight_decay": (lambda v: _finite(v, strictly_positive=False),
                          "--weight_decay must be finite and ≥ 0 (e.g. 1e-4)."),
         "warmup_epochs": (lambda v: v >= 0, "--warmup_epochs must be ≥ 0 (0 = no warm-up)."),
+        "image_size": (lambda v: v is None or v > 0,
+                       "--image_size must be a positive number of pixels (e.g. 96), or left "
+                       "out (the first image's size)."),
+        "test_fraction": (lambda v: 0 < v < 1,
+                          "--test_fraction must be in (0, 1) (e.g. 0.1)."),
         "train_size": (lambda v: v >= 0, "--train_size must be ≥ 0 (0 = every training image)."),
         "burn_in": (lambda v: v >= -1, "--burn_in must be -1 (B − 1) or ≥ 0."),
         "cpu_devices": (lambda v: v >= 0, "--cpu_devices must be ≥ 0."),

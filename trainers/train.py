@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
     check_output_dirs,
     check_warmup,
     checkpoint_dir,
+    data_fingerprint,
     fail as _fail,
     load_run_data,
     model_name,
@@ -149,6 +151,55 @@ def check_folder_is_free(directory: str) -> None:
          "--checkpoint_dir/--model_name.")
 
 
+#: `<checkpoint_dir>/data.txt`: the identity of the training images (`N=`,
+#: `fingerprint=`, `name=`), written when the run starts; `--resume` refuses
+#: other images, since the chain state is indexed by sample.
+DATA_FILE = "data.txt"
+
+
+def data_record(data) -> dict:
+    """`data.txt`'s fields: the data set's name, its number of images as found
+    (`images`: a folder's files, before any held-out share or `--train_size`
+    subset), the N trained on and the training images' fingerprint."""
+    images = data.train_images
+    while hasattr(images, "source"):  # a held-out share or a subset: the images behind it
+        images = images.source
+    return {"name": data.name, "images": str(len(images)), "N": str(data.num_train),
+            "fingerprint": data_fingerprint(data)}
+
+
+def check_same_data(directory: str, data) -> None:
+    """`--resume`: refuses training images other than the run's (`data.txt`): a
+    folder with files added, removed, renamed or rewritten, another split, another
+    `--train_size` subset. A run from before `data.txt` existed is not checked."""
+    path = os.path.join(directory, DATA_FILE)
+    try:
+        with open(path) as stream:
+            recorded = dict(line.split("=", 1) for line in stream.read().splitlines()
+                            if "=" in line)
+    except FileNotFoundError:
+        return
+    now = data_record(data)
+    if recorded.get("fingerprint") == now["fingerprint"]:
+        return
+    change = next((f"{key}={recorded.get(key)} then, {key}={now[key]} now"
+                   for key in ("images", "N") if recorded.get(key) != now[key]),
+                  f"the same N={now['N']}, but other files or sizes")
+    fail(f"--resume: the training images of {data.name} are not the run's ({change}; "
+         f"fingerprint {now['fingerprint']} vs {recorded.get('fingerprint')} in {path}): "
+         "the chain state is indexed by sample, so the run cannot continue on other "
+         "images. Restore the images as they were, or start afresh with --overwrite.")
+
+
+def write_data_file(directory: str, data) -> None:
+    text = "".join(f"{key}={value}\n" for key, value in data_record(data).items())
+    handle, staging = tempfile.mkstemp(prefix=".data-", dir=directory)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.chmod(staging, 0o644)
+    os.replace(staging, os.path.join(directory, DATA_FILE))
+
+
 def remove_checkpoints(directory: str) -> None:
     """`--overwrite`: deletes the earlier run's checkpoint files (every `ckpt-<step>.*`,
     found from the files, whatever the state file lists), its state file and
@@ -162,7 +213,7 @@ def remove_checkpoints(directory: str) -> None:
         os.remove(os.path.join(directory, name))
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if (name in (STATE_FILE, FLAGS_FILE) or name.startswith(STATE_FILE + ".tmp")
+        if (name in (STATE_FILE, FLAGS_FILE, DATA_FILE) or name.startswith(STATE_FILE + ".tmp")
                 or name.startswith(".worker-")):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -320,14 +371,14 @@ def training_callbacks(plan: RunPlan, data, encoder, temperature, augment, epoch
         except ValueError as error:
             fail(f"--batch_selection=spectral: {error}")
         callbacks.append(batch_order)
-    if FLAGS.eval_every:
+    if FLAGS.eval_every and emc2_tf.evaluation_unavailable(data) is None:
         callbacks.append(emc2_tf.KNNAccuracyCallback(encoder, data, FLAGS.eval_every))
     if plan.tensorboard_dir and plan.chief:  # one writer per cluster
         callbacks.append(emc2_tf.TrainingScalars(plan.tensorboard_dir, FLAGS.log_every_steps))
     return callbacks, batch_order
 
 
-def open_checkpoint(plan: RunPlan, model, steps_per_epoch: int, batch_order):
+def open_checkpoint(plan: RunPlan, model, steps_per_epoch: int, batch_order, data):
     """`--overwrite`'s deletions, the run's `TrainingCheckpoint` (restored with
     `--resume`) and its flags.txt; returns `(checkpoint, resumed_from)`, both None
     without checkpoints. A finished run resumed exits here: nothing to train."""
@@ -359,20 +410,27 @@ def open_checkpoint(plan: RunPlan, model, steps_per_epoch: int, batch_order):
     if plan.chief:
         try:
             write_flags_file(directory, flags_file_text(FLAGS, run_flag_names()))
+            write_data_file(directory, data)
         except OSError as error:
-            fail(f"--checkpoint_dir={directory}: cannot write {FLAGS_FILE}: "
+            fail(f"--checkpoint_dir={directory}: cannot write {FLAGS_FILE} or {DATA_FILE}: "
                  f"{error.strerror or error}.")
     return checkpoint, resumed_from
 
 
 def announce(plan: RunPlan, built, checkpoint, resumed_from, steps_per_epoch: int) -> None:
-    """Prints what is trained, and where a resumed run continues."""
+    """Prints what is trained, whether it is evaluated, and where a resumed run continues."""
+    import emc2_tf
+
     data, model = built.data, built.model
     start_epoch, start_step = checkpoint.position if checkpoint else (0, 0)
     print(f"Pre-training {built.encoder_name} with {FLAGS.method} on {data.name}: "
           f"N={data.num_train}, B={FLAGS.batch_size}, τ={model.temperature}, "
           f"{FLAGS.batch_selection} batches, {model.distribute_strategy.num_replicas_in_sync} "
           f"replica(s), {FLAGS.epochs} epochs of {steps_per_epoch} steps")
+    unavailable = emc2_tf.evaluation_unavailable(data)
+    if unavailable:
+        print(f"no evaluation: {unavailable} (the 1-NN and the linear probe need labelled "
+              "training and held-out images; --test_data_dir names a held-out folder)")
     if plan.resume:
         if resumed_from:
             print(f"resuming from {resumed_from}: epoch {start_epoch + 1}, step "
@@ -404,6 +462,13 @@ def fit_run(plan: RunPlan, model, make_dataset, checkpoint, callbacks) -> dict:
              "cause (e.g. a lower --learning_rate), then start afresh with --overwrite.")
     except (emc2_tf.CheckpointError, emc2_tf.FolderInUseError) as error:
         fail(str(error))  # the folder checks above come first; these are their backstop
+    except emc2_tf.SourceReadError as error:  # e.g. an image file damaged inside
+        if sys.stdout.isatty():
+            print(file=sys.stdout)
+        fail(f"{error} Training stopped" + (
+            f"; continue after fixing it with: "
+            f"{command('train', '--resume', f'--checkpoint_dir={plan.directory}')}"
+            if plan.directory else "."))
     except OSError as error:  # e.g. a full disk while writing a checkpoint
         fail(str(error).splitlines()[0] if str(error) else repr(error))
 
@@ -424,6 +489,11 @@ def exit_if_interrupted(plan: RunPlan, checkpoint, steps_per_epoch: int) -> None
     sys.exit(128 + checkpoint.interrupted)
 
 
+#: The held-out scores of the summary (None when the data cannot be evaluated).
+EVALUATION_KEYS = ("knn_accuracy", "linear_probe_accuracy", "alignment", "uniformity",
+                   "effective_rank")
+
+
 def run_summary(built, history: dict, augment, train_seconds: float, epoch_seconds: list) -> dict:
     """The trained run's numbers: held-out 1-NN and probe, representation metrics,
     timings, the last logs and the state digest."""
@@ -432,7 +502,11 @@ def run_summary(built, history: dict, augment, train_seconds: float, epoch_secon
     import emc2_tf
 
     data, model = built.data, built.model
-    results = emc2_tf.evaluate_encoder(built.encoder, data, representation=True, augment=augment)
+    if emc2_tf.evaluation_unavailable(data) is None:
+        results = emc2_tf.evaluate_encoder(built.encoder, data, representation=True,
+                                           augment=augment)
+    else:  # e.g. an unlabelled folder: no held-out scores (announced at the start)
+        results = dict.fromkeys(EVALUATION_KEYS)
     summary = {
         "method": FLAGS.method,
         "dataset": data.name,
@@ -445,10 +519,10 @@ def run_summary(built, history: dict, augment, train_seconds: float, epoch_secon
         "warmup_epochs": FLAGS.warmup_epochs,
         # The images trained on (--train_size subset or all), and per label.
         "train_size": data.num_train,
-        "train_class_counts": {str(label): int(count) for label, count in
-                               zip(*np.unique(data.train_labels, return_counts=True))},
-        **{key: results[key] for key in ("knn_accuracy", "linear_probe_accuracy", "alignment",
-                                         "uniformity", "effective_rank")},
+        "train_class_counts": {} if data.train_labels is None else {
+            str(label): int(count) for label, count in
+            zip(*np.unique(data.train_labels, return_counts=True))},
+        **{key: results[key] for key in EVALUATION_KEYS},
         "train_seconds": train_seconds,
         # Median over epochs after the first (which includes tracing the step).
         "seconds_per_epoch": float(np.median(epoch_seconds[1:] or epoch_seconds or [0.0])),
@@ -476,7 +550,8 @@ def publish(plan: RunPlan, built, summary: dict) -> None:
                      f"; export it later with: "
                      f"{command('export', f'--checkpoint_dir={directory}')}" if directory
                      else "."))
-    if FLAGS.projector and plan.tensorboard_dir and plan.chief:
+    if (FLAGS.projector and plan.tensorboard_dir and plan.chief
+            and built.data.test_images is not None):
         summary["projector"] = emc2_tf.export_projector(
             emc2_tf.embed(built.encoder, built.data.test_images), built.data.test_labels,
             os.path.join(plan.tensorboard_dir, "projector"))
@@ -484,8 +559,9 @@ def publish(plan: RunPlan, built, summary: dict) -> None:
 
 def print_summary(summary: dict) -> None:
     """The human-readable lines, then the `summary: {...}` JSON line scripts parse."""
-    print(f"held-out 1-NN accuracy:        {summary['knn_accuracy']:.4f}")
-    print(f"held-out linear-probe accuracy: {summary['linear_probe_accuracy']:.4f}")
+    if summary["knn_accuracy"] is not None:
+        print(f"held-out 1-NN accuracy:        {summary['knn_accuracy']:.4f}")
+        print(f"held-out linear-probe accuracy: {summary['linear_probe_accuracy']:.4f}")
     if "acceptance_rate" in summary:
         print(f"MH acceptance rate (last epoch): {summary['acceptance_rate']:.4f}")
     if "global_contrastive_loss" in summary:
@@ -515,6 +591,8 @@ def run() -> dict:
     if FLAGS.batch_size > data.num_train:
         fail(f"--batch_size={FLAGS.batch_size} exceeds the {data.num_train} training images.")
     check_warmup(PROGRAM, FLAGS)
+    if plan.resume and plan.chief and plan.directory:
+        check_same_data(plan.directory, data)
     claim_outputs(plan)
     built = build_run(PROGRAM, FLAGS, strategy, data)
     encoder, model = built.encoder, built.model
@@ -523,7 +601,7 @@ def run() -> dict:
     epoch_seconds = []
     callbacks, batch_order = training_callbacks(
         plan, data, encoder, model.temperature, augment, epoch_seconds)
-    checkpoint, resumed_from = open_checkpoint(plan, model, steps_per_epoch, batch_order)
+    checkpoint, resumed_from = open_checkpoint(plan, model, steps_per_epoch, batch_order, data)
 
     def make_dataset(start_epoch: int, start_step: int):
         return emc2_tf.make_two_view_dataset(
@@ -572,7 +650,12 @@ def main(argv):
         take_saved_flags(directory)
     check_method_flags(PROGRAM, FLAGS)
     check_flag_combinations(PROGRAM, FLAGS)
-    run()
+    import emc2_tf
+
+    try:
+        run()
+    except emc2_tf.SourceReadError as error:  # outside fit (evaluation, the global loss)
+        fail(str(error))
 
 
 def cli() -> None:

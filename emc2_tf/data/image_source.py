@@ -43,6 +43,12 @@ def fingerprint_of(parts: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+class SourceReadError(ValueError):
+    """An image could not be read from a source while training (e.g. a file
+    damaged inside or removed after the scan); the message is one line
+    naming it (`ImageSource.read_error`)."""
+
+
 def _check_batch_size(batch_size: Any) -> int:
     if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
             or batch_size < 1):

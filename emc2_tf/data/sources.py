@@ -338,14 +338,5 @@ def load_tfds(
     )
 
 
-#: The data sets `load_dataset` knows without TensorFlow Datasets.
+#: The built-in data sets (`emc2_tf.data.catalog.load_dataset` adds `folder`).
 BUILTIN_DATASETS = ("digits", "fashion_mnist")
-
-
-def load_dataset(name: str, data_dir: str | None = None) -> ImageDataset:
-    """`digits` | `fashion_mnist` | any tfds builder name."""
-    if name == "digits":
-        return load_digits()
-    if name == "fashion_mnist":
-        return load_fashion_mnist(data_dir)
-    return load_tfds(name, data_dir=data_dir)

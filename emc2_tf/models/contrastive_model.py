@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from emc2_tf.data.batch import INDEX_RANGE_MESSAGE, check_dataset, unpack_two_view_batch
+from emc2_tf.data.image_source import SourceReadError
 
 
 def check_temperature(temperature: float) -> float:
@@ -478,7 +479,7 @@ class ContrastiveModel(keras.Model):
             for source in sources:  # e.g. a damaged image file: one line naming it
                 message = source.read_error(error)
                 if message:
-                    raise ValueError(message) from None
+                    raise SourceReadError(message) from None
             if not isinstance(error, tf.errors.InvalidArgumentError):
                 raise
             if INDEX_RANGE_MESSAGE in str(error):
