@@ -69,7 +69,7 @@ def test_a_folder_run_holds_out_a_fixed_share_and_resumes_bit_identically(folder
     whole = _train(*data, "--epochs=2", f"--checkpoint_dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
     summary = parse_summary(whole.stdout)
-    assert summary["train_size"] == 10 * PER_CLASS - 30
+    assert summary["train_size"] == 10 * PER_CLASS - 30 and summary["held_out_size"] == 30
     assert summary["train_class_counts"] == {str(c): PER_CLASS - 3 for c in range(10)}
     assert summary["knn_accuracy"] > 0.5  # chance is 0.1: the held-out split is labelled
     first = _train(*data, f"--checkpoint_dir={tmp_path / 'split'}")
@@ -111,6 +111,7 @@ def test_an_unlabelled_folder_trains_without_evaluation_in_one_line(folders, tmp
                     "--test_data_dir names a held-out folder)"]
     summary = parse_summary(result.stdout)
     assert summary["train_size"] == 10 * PER_CLASS and summary["knn_accuracy"] is None
+    assert summary["held_out_size"] == 0
     assert summary["train_class_counts"] == {}
 
 
@@ -132,7 +133,8 @@ def test_a_separate_held_out_folder_is_read_at_the_training_size(folders, tmp_pa
     result = _train("--dataset=folder", f"--data_dir={folders['labelled']}",
                     f"--test_data_dir={held_out}", f"--checkpoint_dir={tmp_path / 'ck'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert parse_summary(result.stdout)["train_size"] == 300
+    summary = parse_summary(result.stdout)
+    assert summary["train_size"] == 300 and summary["held_out_size"] == 100
 
 
 def test_the_held_out_share_is_stratified_fixed_and_disjoint():
@@ -196,8 +198,9 @@ def stl10_dir(tmp_path_factory):
 
 def test_tfds_split_expressions_train_as_the_paper_does(stl10_dir, tmp_path):
     """Catches `--train_split` not reaching TFDS (train+unlabelled must give 20
-    training images, 8 of them without label), the unlabelled ones counted in
-    evaluation (the run must still score its held-out `--test_split`), and a split
+    training images, 8 of them without label), `--test_split` not reaching it (the
+    8 test images must be scored, not the training split), the unlabelled ones
+    crashing evaluation, and a split
     that does not exist failing with more than one line or without naming the
     splits there are."""
     data = ["--dataset=stl10", f"--data_dir={stl10_dir}", "--encoder=small_cnn",
@@ -206,7 +209,7 @@ def test_tfds_split_expressions_train_as_the_paper_does(stl10_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = parse_summary(result.stdout)
     assert summary["train_size"] == 20 and summary["train_class_counts"]["-1"] == 8
-    assert summary["knn_accuracy"] is not None
+    assert summary["knn_accuracy"] is not None and summary["held_out_size"] == 8
     missing = _train(*data, "--train_split=train+unlabeled", f"--checkpoint_dir={tmp_path / 'b'}")
     _one_line_error(missing, "--dataset=stl10", "unlabeled", "unlabelled")
     assert not os.path.exists(tmp_path / "b")

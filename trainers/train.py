@@ -519,6 +519,9 @@ def run_summary(built, history: dict, augment, train_seconds: float, epoch_secon
         "warmup_epochs": FLAGS.warmup_epochs,
         # The images trained on (--train_size subset or all), and per label.
         "train_size": data.num_train,
+        # The held-out images scored (those with a label; 0 without evaluation).
+        "held_out_size": 0 if results["knn_accuracy"] is None else len(
+            emc2_tf.labelled_part(data.test_images, data.test_labels)[1]),
         "train_class_counts": {} if data.train_labels is None else {
             str(label): int(count) for label, count in
             zip(*np.unique(data.train_labels, return_counts=True))},
