@@ -47,9 +47,10 @@ from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
     SCAN_IMPLEMENTATIONS,
     candidate_mask,
+    SCAN_COMPILE_MODES,
     default_burn_in,
-    emc2_negative_term,
     mh_scan,
+    state_weights,
 )
 
 #: What a recorded step on a chain's out-of-batch negative contributes:
@@ -254,7 +255,16 @@ class EMC2Model(ContrastiveModel):
             each by pointer doubling: B/8 blocks of 9 rounds per pass, O(B²)
             work, O(B·16²) memory: the parallel scan chunked), or "auto"
             (parallel on a GPU within a memory bound, and on a CPU up to
-            B ≈ 32, where it measured faster; sequential beyond).
+            B ≈ 32, where it measured faster; sequential beyond; under XLA on
+            a CPU, sequential at every B).
+        scan_compile: "auto" (default), "xla" or "none": whether the MH scan
+            runs in a nested `tf.function(jit_compile=True)` inside the step,
+            one fused loop instead of TensorFlow's per-op cost at each of its
+            4B dependent steps, while the rest of the step stays as compiled
+            by `compile()`. "auto": in a graph step (not with
+            `run_eagerly=True`); "xla": also eagerly; "none": never. Where
+            XLA cannot compile the scan on the device, one line is logged and
+            it runs uncompiled. Identical draws and results in every mode.
         seed: seed of the MH uniforms.
         max_image_table_bytes: refuse an in-memory image table larger than
             this (a source has no limit: it holds no images).
@@ -291,6 +301,7 @@ class EMC2Model(ContrastiveModel):
         out_of_batch: str = "drop",
         waste_recycling: bool = True,
         scan: str = "auto",
+        scan_compile: str = "auto",
         seed: int | None = None,
         max_image_table_bytes: int = DEFAULT_MAX_IMAGE_TABLE_BYTES,
         **kwargs: Any,
@@ -312,6 +323,10 @@ class EMC2Model(ContrastiveModel):
             raise ValueError(
                 f"scan must be one of {', '.join(SCAN_IMPLEMENTATIONS)}; got {scan!r}.")
         self.scan = scan
+        if scan_compile not in SCAN_COMPILE_MODES:
+            raise ValueError(f"scan_compile must be one of {', '.join(SCAN_COMPILE_MODES)}; "
+                             f"got {scan_compile!r}.")
+        self.scan_compile = scan_compile
         self.max_image_table_bytes = int(max_image_table_bytes)
         self._image_table = _ImageTable(None)
         self.set_image_table(images)
@@ -372,6 +387,7 @@ class EMC2Model(ContrastiveModel):
         return {**super().get_config(), "burn_in": self.burn_in,
                 "exact_ratio": self.exact_ratio, "out_of_batch": self.out_of_batch,
                 "waste_recycling": self.waste_recycling, "scan": self.scan,
+                "scan_compile": self.scan_compile,
                 "max_image_table_bytes": self.max_image_table_bytes}
 
     def fit(self, *args, **kwargs):
@@ -428,6 +444,7 @@ class EMC2Model(ContrastiveModel):
                 None if out_of_batch_logits is None else tf.stop_gradient(out_of_batch_logits)
             ),
             scan=self.scan,
+            scan_compile=self.scan_compile,
         )
 
         # Steps 5-6: ergodic average with gradient through anchors and negatives.
@@ -487,11 +504,9 @@ class EMC2Model(ContrastiveModel):
         instead of `f(state after k)`: the same expectation, a lower total
         variance (not per coordinate: `benchmarks/recycling_variance.py`).
         """
-        if out_of_batch_logits is None:
-            out_of_batch_logits = tf.zeros_like(anchor_logits[..., 0])
-        extended = tf.concat([anchor_logits, out_of_batch_logits[..., None]], axis=-1)
         recorded = tf.cast(scan.recorded, anchor_logits.dtype)
         stored = has_state[None, :, None]
+        num_columns = tf.shape(anchor_logits)[-1] + 1  # the 2B candidates, then out of batch
 
         def value_weight(states):  # does the step's state add its score?
             usable = (states >= 0) | (stored if self.out_of_batch == "reencode" else False)
@@ -502,21 +517,24 @@ class EMC2Model(ContrastiveModel):
                 return tf.ones_like(recorded)
             return value_weight(states)
 
+        # One weight per candidate column and the out-of-batch column (no gradient),
+        # then one dense product with the logits: Σ_c W[a, c] β s(a, c) / n.
         if not self.waste_recycling:
             normaliser = tf.reduce_sum(recorded * count_weight(scan.states), axis=-1)
-            return emc2_negative_term(
-                extended, scan.states, recorded * value_weight(scan.states), normaliser
-            )
-        alpha = tf.cast(scan.accept_probability, recorded.dtype)
-        previous = scan.previous_states
-        candidates = tf.broadcast_to(
-            tf.range(tf.shape(scan.states)[-1], dtype=scan.states.dtype), tf.shape(scan.states)
-        )
-        # Every recorded step counts once: a step before the first acceptance
-        # of an empty chain has α = 1, so its (1 − α) share is always 0.
-        normaliser = tf.reduce_sum(recorded, axis=-1)
-        from_candidates = emc2_negative_term(extended, candidates, recorded * alpha, normaliser)
-        from_previous = emc2_negative_term(
-            extended, previous, recorded * (1.0 - alpha) * value_weight(previous), normaliser
-        )
-        return from_candidates + from_previous
+            weights = state_weights(scan.states, recorded * value_weight(scan.states),
+                                    num_columns)
+        else:
+            alpha = tf.cast(scan.accept_probability, recorded.dtype)
+            previous = scan.previous_states
+            # Every recorded step counts once: a step before the first acceptance
+            # of an empty chain has α = 1, so its (1 − α) share is always 0.
+            normaliser = tf.reduce_sum(recorded, axis=-1)
+            # Both shares in one matrix: step k's candidate is column k (α share),
+            # its state before the step is scattered ((1 − α) share).
+            weights = state_weights(previous, recorded * (1.0 - alpha) * value_weight(previous),
+                                    num_columns)
+            weights += tf.pad(tf.stop_gradient(recorded * alpha), [[0, 0], [0, 0], [0, 1]])
+        total = tf.reduce_sum(weights[..., :-1] * anchor_logits, axis=-1)
+        if self.out_of_batch == "reencode" and out_of_batch_logits is not None:
+            total += weights[..., -1] * out_of_batch_logits
+        return tf.math.divide_no_nan(total, normaliser)

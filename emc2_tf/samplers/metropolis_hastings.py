@@ -24,10 +24,12 @@ the chain state variables and calls them inside `train_step`.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 # Candidate position used for "the chain's out-of-batch state from an earlier
 # step" inside a scan (its current state is not one of this batch's views).
@@ -116,6 +118,7 @@ def mh_scan(
     refresh_log_score_between_passes: bool = False,
     out_of_batch_logits: tf.Tensor | None = None,
     scan: str = "sequential",
+    scan_compile: str = "none",
 ) -> MHScanResult:
     """Runs the two-pass in-batch MH scan of EMC² for every chain of a batch.
 
@@ -145,42 +148,50 @@ def mh_scan(
             (`SCAN_IMPLEMENTATIONS`): the same result draw for draw, computed
             in 2B dependent steps per pass, in O(log B) rounds, or in 2B/k
             blocks of O(log k) rounds.
+        scan_compile: "auto", "xla" or "none" (`SCAN_COMPILE_MODES`): whether
+            the two passes run in a nested `tf.function(jit_compile=True)`,
+            one fused XLA loop instead of TensorFlow's per-op cost at each
+            of the 4B dependent steps of the sequential scan. "auto": while
+            tracing a graph (`tf.function`, Keras' compiled `train_step`),
+            not eagerly; "xla": also eagerly; "none": never. Where XLA
+            cannot compile the scan on the device, one line is logged and
+            it runs uncompiled. Identical results in every mode.
 
     Returns:
         An `MHScanResult`.
     """
     logits = tf.stop_gradient(logits)
     log_uniforms = tf.convert_to_tensor(log_uniforms, dtype=logits.dtype)
-    batch_size = tf.shape(valid)[0]
-    run_pass = _pass_function(scan, valid)
-
-    def pass_results(pass_id, state, log_score):
-        return run_pass(logits[pass_id], valid, tf.transpose(log_uniforms[pass_id]), state,
-                        log_score)  # each [B, 2B]
-
-    state0 = tf.fill([batch_size], tf.constant(OUT_OF_BATCH, tf.int32))
+    if scan_compile not in SCAN_COMPILE_MODES:
+        raise ValueError(f"scan_compile must be one of {', '.join(SCAN_COMPILE_MODES)}; "
+                         f"got {scan_compile!r}.")
+    if refresh_log_score_between_passes and out_of_batch_logits is None:
+        raise ValueError(
+            "mh_scan(refresh_log_score_between_passes=True) needs "
+            "out_of_batch_logits for chains still on an out-of-batch state."
+        )
     log_score0 = tf.cast(initial_log_score, logits.dtype)
-    states_a, scores_a, accepted_a, probability_a, previous_a = pass_results(0, state0, log_score0)
+    refresh_logits = (tf.zeros_like(log_score0) if out_of_batch_logits is None
+                      else tf.cast(tf.stop_gradient(out_of_batch_logits)[1], logits.dtype))
+    in_xla = _in_xla_context()
+    compile_now = _compile_scan(scan_compile, in_xla)
+    pass_name = _pass_name(scan, valid, compiled=compile_now or in_xla)
+    key = (pass_name, SCAN_BLOCK_SIZE, bool(refresh_log_score_between_passes))
+    inputs = (logits, valid, log_uniforms, log_score0, refresh_logits)
+    if compile_now and not in_xla and not _xla_compiles(key, inputs):
+        compile_now = False
+    core = _compiled_core(key) if compile_now else _core(key)
+    states, log_scores, accepted, start_scores = (tf.stop_gradient(x) for x in core(*inputs))
 
-    state1, log_score1 = states_a[:, -1], scores_a[:, -1]
-    if refresh_log_score_between_passes:
-        if out_of_batch_logits is None:
-            raise ValueError(
-                "mh_scan(refresh_log_score_between_passes=True) needs "
-                "out_of_batch_logits for chains still on an out-of-batch state."
-            )
-        in_batch = tf.gather(
-            logits[1], tf.maximum(state1, 0), axis=1, batch_dims=1
-        )
-        refreshed = tf.where(
-            state1 >= 0, in_batch, tf.cast(out_of_batch_logits[1], logits.dtype)
-        )
-        # An empty chain that accepted nothing stays empty (−inf).
-        log_score1 = tf.where(
-            (state1 < 0) & tf.math.is_inf(log_score1), log_score1, refreshed
-        )
-    states_b, scores_b, accepted_b, probability_b, previous_b = pass_results(
-        1, state1, log_score1)
+    # The MH probabilities (waste recycling's weights) from the score before each
+    # step, one op for every scan outside the compiled loop: the same float
+    # operations on the same inputs, so every scan and mode gives the same bits.
+    before_scores = tf.concat([start_scores[..., None], log_scores[..., :-1]], axis=-1)
+    probability = tf.where(valid[None], metropolis_hastings_accept_probability(
+        logits, before_scores), tf.zeros_like(logits))
+    state0 = tf.fill(tf.shape(log_score0), tf.constant(OUT_OF_BATCH, tf.int32))
+    start_states = tf.stack([state0, states[0, :, -1]])
+    previous = tf.concat([start_states[..., None], states[..., :-1]], axis=-1)
 
     # Burn-in counts valid steps: step c of a pass is recorded iff it is
     # valid and more than P valid steps have been taken up to and including c.
@@ -188,14 +199,14 @@ def mh_scan(
     recorded_one = valid & (valid_count > tf.cast(burn_in, tf.int32))
     recorded = tf.stack([recorded_one, recorded_one])
     return MHScanResult(
-        states=tf.stack([states_a, states_b]),
+        states=states,
         recorded=recorded,
-        accepted=tf.stack([accepted_a, accepted_b]),
-        accept_probability=tf.stack([probability_a, probability_b]),
-        previous_states=tf.stack([previous_a, previous_b]),
+        accepted=accepted,
+        accept_probability=probability,
+        previous_states=previous,
         valid=valid,
-        final_state=states_b[:, -1],
-        final_log_score=scores_b[:, -1],
+        final_state=states[1, :, -1],
+        final_log_score=log_scores[1, :, -1],
     )
 
 
@@ -224,25 +235,127 @@ PARALLEL_SCAN_MAX_ELEMENTS = 2**26
 PARALLEL_SCAN_CPU_MAX_ELEMENTS = 2**18
 
 
-def _pass_function(scan: str, valid: tf.Tensor):
-    """The one-pass implementation `scan` names (resolved statically when shapes allow)."""
+def _pass_name(scan: str, valid: tf.Tensor, compiled: bool = False) -> str:
+    """The one-pass implementation `scan` names, "auto" resolved statically when shapes allow.
+
+    `compiled`: the pass runs under XLA (a compiled scan, or a step compiled
+    with `jit_compile=True`)."""
     if scan not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"scan must be one of {', '.join(SCAN_IMPLEMENTATIONS)}; got {scan!r}.")
-    if scan == "auto":
-        # Measured on a 2-core CPU (benchmarks/scan.py, README Results): as a
-        # TensorFlow graph the parallel scan is 2–3× faster up to B = 32 and
-        # 3× slower from B = 128 (O(B³) work); under XLA the sequential one
-        # is as fast or faster at every B. On a GPU each sequential step is a
-        # kernel launch, so the parallel scan runs wherever its memory fits.
-        chains, candidates = valid.shape
-        if chains is None or candidates is None:
-            return _sequential_pass  # the only one without a static 2B
-        on_gpu = bool(tf.config.list_logical_devices("GPU"))
-        limit = PARALLEL_SCAN_MAX_ELEMENTS if on_gpu else PARALLEL_SCAN_CPU_MAX_ELEMENTS
-        scan = ("parallel" if parallel_scan_elements(chains, candidates) <= limit
-                else "sequential")
+    if scan != "auto":
+        return scan
+    # Measured on a 2-core CPU (benchmarks/scan.py, README Results): as a
+    # TensorFlow graph the parallel scan is 2–3× faster up to B = 32 and
+    # 3× slower from B = 128 (O(B³) work); under XLA the sequential one
+    # is as fast or faster at every B. On a GPU each sequential step is a
+    # kernel launch, so the parallel scan runs wherever its memory fits.
+    chains, candidates = valid.shape
+    if chains is None or candidates is None:
+        return "sequential"  # the only one without a static 2B
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    if compiled and not on_gpu:
+        return "sequential"
+    limit = PARALLEL_SCAN_MAX_ELEMENTS if on_gpu else PARALLEL_SCAN_CPU_MAX_ELEMENTS
+    return "parallel" if parallel_scan_elements(chains, candidates) <= limit else "sequential"
+
+
+def _pass_function(scan: str, valid: tf.Tensor, compiled: bool = False):
+    """The one-pass function `scan` names (`_pass_name`)."""
     return {"sequential": _sequential_pass, "parallel": _parallel_pass,
-            "blocked": _blocked_pass}[scan]
+            "blocked": _blocked_pass}[_pass_name(scan, valid, compiled)]
+
+
+#: How `mh_scan` compiles its passes: "auto" (XLA inside a graph, uncompiled
+#: eagerly), "xla" (also eagerly), "none" (never).
+SCAN_COMPILE_MODES = ("auto", "xla", "none")
+
+_logger = logging.getLogger(__name__)
+
+
+def _in_xla_context() -> bool:
+    """Whether the ops being built are already compiled by XLA (a `jit_compile=True` function)."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _compile_scan(scan_compile: str, in_xla: bool) -> bool:
+    """Whether `mh_scan` runs its passes in a nested XLA function."""
+    if in_xla or scan_compile == "none":
+        return False
+    return scan_compile == "xla" or not tf.executing_eagerly()
+
+
+def _scan_passes(key, logits, valid, log_uniforms, log_score0, refresh_logits):
+    """The two passes: `(states, log_scores, accepted)` `[2, b, K]` and the score
+    each pass starts from `[2, b]` (the exact-ratio refresh between them)."""
+    pass_name, _, refresh = key
+    run_pass = {"sequential": _sequential_pass, "parallel": _parallel_pass,
+                "blocked": _blocked_pass}[pass_name]
+    state0 = tf.fill(tf.shape(log_score0), tf.constant(OUT_OF_BATCH, tf.int32))
+    states_a, scores_a, accepted_a = run_pass(
+        logits[0], valid, tf.transpose(log_uniforms[0]), state0, log_score0)
+    state1, log_score1 = states_a[:, -1], scores_a[:, -1]
+    if refresh:
+        # The current state's score against the view-2 anchor (from `logits`, or
+        # the re-encoded out-of-batch negative's); an empty chain stays −inf.
+        in_batch = tf.gather(logits[1], tf.maximum(state1, 0), axis=1, batch_dims=1)
+        refreshed = tf.where(state1 >= 0, in_batch, refresh_logits)
+        log_score1 = tf.where((state1 < 0) & tf.math.is_inf(log_score1), log_score1, refreshed)
+    states_b, scores_b, accepted_b = run_pass(
+        logits[1], valid, tf.transpose(log_uniforms[1]), state1, log_score1)
+    return (tf.stack([states_a, states_b]), tf.stack([scores_a, scores_b]),
+            tf.stack([accepted_a, accepted_b]), tf.stack([log_score0, log_score1]))
+
+
+def _core(key):
+    """The passes, uncompiled (ops of the caller's graph, or eager)."""
+    return lambda *inputs: _scan_passes(key, *inputs)
+
+
+_COMPILED_CORES: dict = {}
+_XLA_PROBES: dict = {}
+
+
+def _compiled_core(key):
+    """The passes in one `tf.function(jit_compile=True)` per scan, block size and
+    refresh (module-level: traced and compiled once per input shape)."""
+    if key not in _COMPILED_CORES:
+        _COMPILED_CORES[key] = tf.function(
+            lambda *inputs: _scan_passes(key, *inputs), jit_compile=True, autograph=False)
+    return _COMPILED_CORES[key]
+
+
+def _xla_compiles(key, inputs) -> bool:
+    """Whether XLA compiles and runs the passes on the device the graph places them on.
+
+    Tried once per device, scan and dtype, eagerly (`tf.init_scope`) on 2 chains
+    while the graph is traced: a failure inside the graph would only surface
+    when the step runs, too late to fall back. On failure one line is logged.
+    """
+    logits = inputs[0]
+    device = "" if tf.executing_eagerly() else logits.device
+    probe_key = (key, device, logits.dtype.name)
+    if probe_key not in _XLA_PROBES:
+        pass_name, block_size, refresh = key
+        with tf.init_scope(), tf.device(device or None):
+            chains, candidates = 2, 4
+            try:
+                _compiled_core(key)(
+                    tf.zeros([2, chains, candidates], logits.dtype),
+                    tf.ones([chains, candidates], tf.bool),
+                    tf.zeros([2, candidates, chains], logits.dtype),
+                    tf.fill([chains], tf.constant(-math.inf, logits.dtype)),
+                    tf.zeros([chains], logits.dtype))
+                _XLA_PROBES[probe_key] = True
+            except (tf.errors.OpError, ValueError, TypeError, NotImplementedError) as error:
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _logger.warning(
+                    "emc2_tf: the MH scan (%s) runs uncompiled: XLA could not compile it on "
+                    "%s (%s: %s).", pass_name, device or "the default device",
+                    type(error).__name__, first[:200])
+                _XLA_PROBES[probe_key] = False
+    return _XLA_PROBES[probe_key]
 
 
 def parallel_scan_elements(chains: int, num_candidates: int) -> int:
@@ -278,28 +391,23 @@ def _sequential_pass(logits, valid, log_uniforms, state, log_score):
         logits, valid, log_uniforms: `[b, K]` per chain and candidate.
         state, log_score: `[b]` the chains before the pass.
     Returns:
-        `(states, log_scores, accepted, accept_probability, previous_states)`, each `[b, K]`.
+        `(states, log_scores, accepted)`, each `[b, K]`: after each step (the
+        acceptance probabilities are computed after the pass, in `mh_scan`).
     """
     steps = tf.range(tf.shape(valid)[1], dtype=tf.int32)
 
     def mh_step(carry, elem):
-        state, log_score, _, _ = carry
+        state, log_score, _ = carry
         candidate_logit, candidate_valid, log_u, position = elem
         accept = candidate_valid & (log_u < candidate_logit - log_score)
-        probability = tf.where(
-            candidate_valid,
-            metropolis_hastings_accept_probability(candidate_logit, log_score),
-            tf.zeros_like(log_score),
-        )
         state = tf.where(accept, position, state)
         log_score = tf.where(accept, candidate_logit, log_score)
-        return state, log_score, accept, probability
+        return state, log_score, accept
 
     elems = (tf.transpose(logits), tf.transpose(valid), tf.transpose(log_uniforms), steps)
-    init = (state, log_score, tf.zeros_like(state, tf.bool), tf.zeros_like(log_score))
-    states, log_scores, accepted, probability = tf.scan(mh_step, elems, initializer=init)
-    previous = tf.concat([state[None], states[:-1]], axis=0)
-    return tuple(tf.transpose(x) for x in (states, log_scores, accepted, probability, previous))
+    init = (state, log_score, tf.zeros_like(state, tf.bool))
+    states, log_scores, accepted = tf.scan(mh_step, elems, initializer=init)
+    return tuple(tf.transpose(x) for x in (states, log_scores, accepted))
 
 
 def _parallel_pass(logits, valid, log_uniforms, state, log_score, offset=0):
@@ -355,13 +463,7 @@ def _parallel_pass(logits, valid, log_uniforms, state, log_score, offset=0):
     states = tf.where(at > 0, at - 1 + offset, state[:, None])
     log_scores = tf.gather(node_scores, at, batch_dims=1)
     accepted = tf.equal(at, limit)
-    previous_nodes = tf.concat([tf.zeros_like(at[:, :1]), at[:, :-1]], axis=1)
-    previous_scores = tf.gather(node_scores, previous_nodes, batch_dims=1)
-    probability = tf.where(
-        valid, metropolis_hastings_accept_probability(logits, previous_scores),
-        tf.zeros_like(logits))
-    previous = tf.concat([state[:, None], states[:, :-1]], axis=1)
-    return states, log_scores, accepted, probability, previous
+    return states, log_scores, accepted
 
 
 def _blocked_pass(logits, valid, log_uniforms, state, log_score, block_size=None):
@@ -395,11 +497,32 @@ def _blocked_pass(logits, valid, log_uniforms, state, log_score, block_size=None
 
     offsets = tf.range(blocks, dtype=tf.int32) * block_size
     elems = (to_blocks(logits), to_blocks(valid), to_blocks(log_uniforms), offsets)
-    before = (tiled(state), tiled(log_score), tf.zeros_like(elems[1][0]),
-              tf.zeros_like(elems[0][0]), tiled(state))
+    before = (tiled(state), tiled(log_score), tf.zeros_like(elems[1][0]))
     results = tf.scan(block_pass, elems, initializer=before)  # each [blocks, b, k]
     return tuple(tf.reshape(tf.transpose(x, [1, 0, 2]), [-1, blocks * block_size])
                  [:, :num_candidates] for x in results)
+
+
+def state_weights(states: tf.Tensor, weights: tf.Tensor, num_columns) -> tf.Tensor:
+    """How much each column adds to each anchor's sum: `W[..., c] = Σ_k w_k [column(s_k) = c]`.
+
+    `states` int `[..., T]` in `[0, num_columns − 1)` or `OUT_OF_BATCH` (the
+    last column), `weights` `[..., T]`. One `unsorted_segment_sum` over all
+    rows, without gradient (the weights are the sampler's, not the loss's):
+    float `[..., num_columns]`.
+    """
+    weights = tf.stop_gradient(tf.cast(weights, tf.float32) if weights.dtype == tf.bool
+                               else weights)
+    states = tf.convert_to_tensor(states)
+    num_columns = tf.cast(num_columns, states.dtype)
+    columns = tf.where(states >= 0, states, num_columns - 1)
+    leading = tf.shape(states)[:-1]
+    rows = tf.reduce_prod(leading)
+    row_offsets = tf.range(rows, dtype=states.dtype)[:, None] * num_columns
+    segments = tf.reshape(columns, [rows, -1]) + row_offsets
+    summed = tf.math.unsorted_segment_sum(
+        tf.reshape(weights, [-1]), tf.reshape(segments, [-1]), rows * num_columns)
+    return tf.stop_gradient(tf.reshape(summed, tf.concat([leading, [num_columns]], axis=0)))
 
 
 def emc2_negative_term(
@@ -412,7 +535,10 @@ def emc2_negative_term(
 
     This is the negative term of the EMC² surrogate loss (algorithms.md §2,
     step 5); its gradient, through both the anchor and the negatives, is the
-    EMC² estimate of `∇ log Σ_{z ∈ Neg(i)} exp(β s(a, z))`.
+    EMC² estimate of `∇ log Σ_{z ∈ Neg(i)} exp(β s(a, z))`. Computed densely,
+    `Σ_c W[a, c] β s(a, c) / n` with `W` the steps' weights summed per
+    column (`state_weights`, no gradient): the gradient flows through one
+    product with the logits, not through a gather of the T states.
 
     Args:
         extended_logits: float `[..., A, K + 1]`, `β s(a, c)` for the K in-batch
@@ -427,11 +553,9 @@ def emc2_negative_term(
     Returns:
         float `[..., A]`; 0 for an anchor whose normaliser is 0.
     """
-    num_columns = tf.shape(extended_logits)[-1]
-    columns = tf.where(states >= 0, states, num_columns - 1)
-    batch_dims = len(states.shape) - 1
-    picked = tf.gather(extended_logits, columns, axis=-1, batch_dims=batch_dims)
     weights = tf.cast(weights, extended_logits.dtype)
     if normaliser is None:
         normaliser = tf.reduce_sum(weights, axis=-1)
-    return tf.math.divide_no_nan(tf.reduce_sum(picked * weights, axis=-1), normaliser)
+    column_weights = state_weights(states, weights, tf.shape(extended_logits)[-1])
+    return tf.math.divide_no_nan(
+        tf.reduce_sum(column_weights * extended_logits, axis=-1), normaliser)
