@@ -201,7 +201,7 @@ class _Fixture:
                              self.view1, self.view2, self.chain_index, self.chain_log_score,
                              self.uniforms, TAU, scan=decisions, **options)
 
-    def model_step(self, model, jit_compile=False):
+    def model_step(self, model, jit_compile=False, graph=False):
         index = tf.constant(self.index)
         views = tf.constant(np.concatenate([self.view1, self.view2]))
         variables = self.encoder.trainable_variables
@@ -211,8 +211,8 @@ class _Fixture:
                 loss, scalars = model.contrastive_loss(index, self.encoder(views))
             return loss, scalars, tape.gradient(loss, variables)
 
-        if jit_compile:
-            step = tf.function(step, jit_compile=True)
+        if jit_compile or graph:
+            step = tf.function(step, jit_compile=jit_compile)
         loss, scalars, gradients = step()
         return (float(loss), {k: float(v) for k, v in scalars.items()},
                 [g.numpy() for g in gradients])
@@ -376,6 +376,40 @@ def test_xla_equals_eager_on_the_same_draws(fixture, options):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(index_x, index_e)
     np.testing.assert_allclose(score_x, score_e, rtol=1e-5)
+    assert loss_e == pytest.approx(fixture.reference(**options).loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(scan="sequential"), dict(scan="parallel", exact_ratio=True, waste_recycling=True),
+    dict(scan="auto", out_of_batch="drop", waste_recycling=True)],
+    ids=["sequential", "parallel-exact-recycling", "auto-drop-recycling"])
+def test_graph_step_with_the_xla_compiled_scan_equals_eager(fixture, options, monkeypatch):
+    """The step as a plain `tf.function` (a graph: the scan runs in a nested XLA
+    function, `scan_compile="auto"`) = eager on the same MH draws: written-back
+    chains bit for bit, loss and gradients to float rounding, loss = the float64
+    reference; and the scan was compiled.
+
+    Catches: the compiled scan deciding differently from the eager one inside
+    the model's step (written-back chains differ), the default not compiling it.
+    """
+    from emc2_tf.samplers import metropolis_hastings as mh
+
+    monkeypatch.setattr(mh, "_XLA_PROBES", {})
+    results = []
+    for graph in (False, True):
+        model = fixture.model(**options)
+        loss, scalars, gradients = fixture.model_step(model, graph=graph)
+        results.append((loss, scalars, gradients, model.chain_index.numpy(),
+                        model.chain_log_score.numpy()))
+    assert list(mh._XLA_PROBES.values()) == [True]
+    (loss_e, scalars_e, grads_e, index_e, score_e), (loss_g, scalars_g, grads_g, index_g,
+                                                      score_g) = results
+    np.testing.assert_array_equal(index_g, index_e)
+    np.testing.assert_array_equal(score_g, score_e)
+    assert scalars_g == scalars_e
+    assert loss_g == pytest.approx(loss_e, rel=1e-6)
+    for got, expected in zip(grads_g, grads_e):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert loss_e == pytest.approx(fixture.reference(**options).loss, rel=1e-5)
 
 

@@ -231,8 +231,9 @@ def test_mirrored_strategy_fit_with_the_compiled_scan_equals_fit_without(tmp_pat
     after this change: XLA's "Trying to access resource ... located in device
     CPU:1 from device CPU:0", TensorFlow's known issue with distributed variables.)
 
-    Catches: the compiled scan placed on one device for both replicas, a probe
-    on the wrong device, a replica's scan not compiled.
+    Catches: a replica's compiled scan drawing or deciding differently from the
+    uncompiled one, one probe shared by both replicas' devices (the device
+    left out of the probe's key), a replica's scan not compiled.
     """
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
