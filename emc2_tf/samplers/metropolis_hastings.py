@@ -180,7 +180,7 @@ def mh_scan(
     inputs = (logits, valid, log_uniforms, log_score0, refresh_logits)
     if compile_now and not in_xla and not _xla_compiles(key, inputs):
         compile_now = False
-    core = _compiled_core(key) if compile_now else _core(key)
+    core = _compiled_core(key, inputs) if compile_now else _core(key)
     states, log_scores, accepted, start_scores = (tf.stop_gradient(x) for x in core(*inputs))
 
     # The MH probabilities (waste recycling's weights) from the score before each
@@ -317,13 +317,16 @@ _COMPILED_CORES: dict = {}
 _XLA_PROBES: dict = {}
 
 
-def _compiled_core(key):
-    """The passes in one `tf.function(jit_compile=True)` per scan, block size and
-    refresh (module-level: traced and compiled once per input shape)."""
-    if key not in _COMPILED_CORES:
-        _COMPILED_CORES[key] = tf.function(
+def _compiled_core(key, inputs):
+    """The passes in a `tf.function(jit_compile=True)`, one per scan, block size,
+    refresh and input signature (module-level: each is traced once, so no
+    function retraces however many models and shapes call it)."""
+    signature = (key, *((tuple(x.shape.as_list()) if x.shape.rank is not None else None,
+                         x.dtype.name) for x in inputs))
+    if signature not in _COMPILED_CORES:
+        _COMPILED_CORES[signature] = tf.function(
             lambda *inputs: _scan_passes(key, *inputs), jit_compile=True, autograph=False)
-    return _COMPILED_CORES[key]
+    return _COMPILED_CORES[signature]
 
 
 def _xla_compiles(key, inputs) -> bool:
@@ -340,13 +343,13 @@ def _xla_compiles(key, inputs) -> bool:
         pass_name, block_size, refresh = key
         with tf.init_scope(), tf.device(device or None):
             chains, candidates = 2, 4
+            probe = (tf.zeros([2, chains, candidates], logits.dtype),
+                     tf.ones([chains, candidates], tf.bool),
+                     tf.zeros([2, candidates, chains], logits.dtype),
+                     tf.fill([chains], tf.constant(-math.inf, logits.dtype)),
+                     tf.zeros([chains], logits.dtype))
             try:
-                _compiled_core(key)(
-                    tf.zeros([2, chains, candidates], logits.dtype),
-                    tf.ones([chains, candidates], tf.bool),
-                    tf.zeros([2, candidates, chains], logits.dtype),
-                    tf.fill([chains], tf.constant(-math.inf, logits.dtype)),
-                    tf.zeros([chains], logits.dtype))
+                _compiled_core(key, probe)(*probe)
                 _XLA_PROBES[probe_key] = True
             except (tf.errors.OpError, ValueError, TypeError, NotImplementedError) as error:
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
