@@ -248,5 +248,51 @@ def test_chains_tv_near_the_noise_floor_on_a_flat_target(tmp_path):
     assert (tmp_path / "chains.png").is_file()
 
 
+def test_data_benchmark_reuses_its_folders_and_keeps_finished_probes(tmp_path):
+    """Bugs caught in `benchmarks.data`'s helpers: a rerun rewriting a finished
+    image folder (the 1M-file folder takes minutes) or measuring again a probe
+    the results file already holds; a failing probe losing the probes finished
+    before it; the synthetic writer writing other than N decodable images of
+    the size asked, in class folders."""
+    from PIL import Image
+
+    from benchmarks import data
+
+    root = str(tmp_path / "images")
+    record = data.write_folder(root, 23, 8, "png", workers=1)
+    files = sorted((tmp_path / "images").rglob("*.png"))
+    assert not record["reused"] and record["n"] == 23 and len(files) == 23
+    assert {f.parent.name for f in files} == {f"class_{k}" for k in range(data.CLASSES)}
+    for file in files:
+        with Image.open(file) as image:
+            image.load()
+            assert image.size == (8, 8) and image.mode == "RGB"
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert data.write_folder(root, 23, 8, "png", workers=1)["reused"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    path = str(tmp_path / "results" / "data.json")
+    calls = []
+
+    def probe(name, fails=False):
+        def run():
+            calls.append(name)
+            if fails:
+                raise RuntimeError("killed")
+            return {"value": name}
+        return run
+
+    quiet = lambda message: None  # noqa: E731
+    with pytest.raises(RuntimeError):
+        data.run_probes([("a", probe("a")), ("b", probe("b", fails=True))], path, log=quiet)
+    assert set(json.loads(open(path).read())["probes"]) == {"a"}
+    payload = data.run_probes([("a", probe("a")), ("b", probe("b"))], path, log=quiet)
+    assert calls == ["a", "b", "b"]  # a was not measured again
+    assert {k: v["value"] for k, v in payload["probes"].items()} == {"a": "a", "b": "b"}
+    assert len(payload["probes"]["b"]["loadavg_at_start"]) == 3
+    data.run_probes([("a", probe("a"))], path, redo=True, log=quiet)
+    assert calls == ["a", "b", "b", "a"]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))
