@@ -100,17 +100,29 @@ def embed(
     return np.concatenate(chunks).astype(np.float32)
 
 
+#: The byte budget of one k-NN distance block (float64 `[queries, N]`).
+KNN_BLOCK_BYTES = 64 << 20
+
+
 def knn_accuracy(
     train_features: np.ndarray,
     train_labels: np.ndarray,
     test_features: np.ndarray,
     test_labels: np.ndarray,
     k: int = 1,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> float:
-    """k-NN accuracy (Euclidean, majority vote; k = 1 is 1-NN)."""
+    """k-NN accuracy (Euclidean, majority vote; k = 1 is 1-NN).
+
+    The held-out features are compared `chunk_size` at a time: by default as
+    many as keep each float64 distance block `[chunk, N]` within
+    `KNN_BLOCK_BYTES` (64 MiB), so memory does not grow with the N training
+    images × 1024 queries (2 GiB at N = 126k before).
+    """
     train_features = np.asarray(train_features, np.float64)
     test_features = np.asarray(test_features, np.float64)
+    if chunk_size is None:
+        chunk_size = int(np.clip(KNN_BLOCK_BYTES // (8 * max(len(train_features), 1)), 1, 1024))
     train_sq = np.sum(train_features**2, axis=1)
     num_classes = int(max(train_labels.max(), test_labels.max()) + 1)
     correct = 0

@@ -98,6 +98,26 @@ def test_a_folder_run_holds_out_a_fixed_share_and_resumes_bit_identically(folder
     assert sorted(os.listdir(run)) == files
 
 
+def test_evaluate_reads_the_folder_it_is_given(folders, tmp_path):
+    """Catches (audit) `evaluate --dataset=folder --data_dir=OTHER` silently
+    scoring the run's own folder: the evaluation must name the other folder and
+    hold out its 10 % (the 150 images of classes 0–4: 15)."""
+    import json
+
+    run = tmp_path / "ck"
+    assert _train("--dataset=folder", f"--data_dir={folders['labelled']}",
+                  f"--checkpoint_dir={run}").returncode == 0
+    images, labels = _digits_uint8()
+    half = labels < 5
+    other = write_png_folder(tmp_path / "other", images[half], labels[half])
+    result = run_python(["-m", "trainers.evaluate", f"--checkpoint_dir={run}",
+                         "--dataset=folder", f"--data_dir={other}", "--nolinear_probe",
+                         f"--output_json={tmp_path / 'eval.json'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["dataset"] == "other" and evaluation["held_out_size"] == 15
+
+
 def test_an_unlabelled_folder_trains_without_evaluation_in_one_line(folders, tmp_path):
     """Catches a flat (unlabelled) folder crashing the run where it is evaluated
     (the 1-NN callback, the final scores, the projector) or training silently
@@ -237,8 +257,11 @@ def test_every_bad_data_input_is_one_line_naming_it_and_writes_nothing(folders, 
     corrupt file (named, with --skip_corrupt offered; with it the file is skipped
     and counted), an empty folder, a folder without image files, a class folder
     without images, a missing folder, --image_size that is not positive, data
-    flags the data set does not use, --dataset=folder without --data_dir, and
-    --test_fraction beside --test_data_dir."""
+    flags the data set does not use, --dataset=folder without --data_dir,
+    --test_fraction beside --test_data_dir or leaving fewer training images than
+    classes (the advice must be to lower it), and --jit_compile with a
+    re-encoding EMC² on files (refused before anything is written; it failed
+    inside fit with a stack trace, after flags.txt was written)."""
     bad = _write_bad_folders(tmp_path, folders)
     corrupt, victim = bad["corrupt"]
     ck = tmp_path / "ck"
@@ -260,6 +283,10 @@ def test_every_bad_data_input_is_one_line_naming_it_and_writes_nothing(folders, 
         ([f"--data_dir={folders['labelled']}", f"--test_data_dir={folders['labelled']}",
           "--test_fraction=0.2"], ["--test_fraction=0.2 has no effect with --test_data_dir"]),
         ([], ["--dataset=folder needs --data_dir=DIR"]),
+        ([f"--data_dir={folders['labelled']}", "--jit_compile", "--out_of_batch=reencode"],
+         ["--jit_compile cannot re-encode stored negatives read from --dataset=folder"]),
+        ([f"--data_dir={folders['labelled']}", "--test_fraction=0.99"],
+         ["the training share would hold fewer images than the 10 classes; lower it"]),
     ]
     for args, fragments in cases:
         result = _train(*folder, *args)

@@ -125,6 +125,25 @@ def test_representation_metrics_of_an_encoder():
     assert "alignment" not in no_augment
 
 
+def test_knn_memory_does_not_grow_with_the_training_set():
+    """Catches (audit) the 1-NN comparing 1024 queries at once with all N
+    training features: float64 blocks of 1024 × N (2 GiB at N = 126k, every
+    --eval_every epoch). With the 64 MiB budget the peak stays near it at
+    N = 40,000 (was ≈ 650 MiB), and the accuracy equals fixed small chunks'."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(40000, 4)), rng.normal(size=(1500, 4))
+    train_y, test_y = rng.integers(0, 5, 40000), rng.integers(0, 5, 1500)
+    expected = emc2_tf.knn_accuracy(train, train_y, test, test_y, chunk_size=7)
+    tracemalloc.start()
+    got = emc2_tf.knn_accuracy(train, train_y, test, test_y)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == expected
+    assert peak < 200 * 2**20, peak / 2**20
+
+
 if __name__ == "__main__":
     import sys
 

@@ -164,14 +164,14 @@ def test_folder_matches_channels_and_resizes(tmp_path):
     _write(tmp_path / "grey" / "0.png", grey)
     _write(tmp_path / "grey" / "1.png", rgb)
     _write(tmp_path / "grey" / "2.bmp", rgb)
-    as_grey = ImageFolderSource(str(tmp_path / "grey"))
+    as_grey = ImageFolderSource(str(tmp_path / "grey"), channels=1)
     assert as_grey.image_shape == (6, 5, 1)
+    assert ImageFolderSource(str(tmp_path / "grey")).image_shape == (6, 5, 3)  # colour among the first 16
     weighted = tf.image.rgb_to_grayscale(rgb.astype(np.float32)).numpy()  # 0.2989 R + ...
     read = _read(as_grey, [0, 1, 2])
     np.testing.assert_array_equal(read[0, ..., 0], grey)
     np.testing.assert_array_equal(read[1], np.rint(weighted))
     np.testing.assert_array_equal(read[2], read[1])  # BMP: the same conversion as PNG
-    assert ImageFolderSource(str(tmp_path / "grey"), channels=3).image_shape == (6, 5, 3)
 
     big = _random((12, 10, 3), 4)
     _write(tmp_path / "mixed" / "0.png", rgb)  # the first image sets the size
@@ -369,6 +369,69 @@ def test_benchmark_folder_probe_writes_and_reads_n_files(tmp_path):
     row = folder_probe(str(tmp_path), batch=8, read_images=16)
     assert (row["n"], row["image_shape"]) == (30, [8, 8, 3])
     assert row["read_images_per_s"] > 0 and row["scan_s"] >= 0
+
+
+def test_held_out_folder_keeps_the_training_labels_of_its_classes(tmp_path):
+    """Catches a held-out folder numbering its classes by its own sub-folders
+    (audit): with training classes cat, dog, fox and held-out cat, fox, the
+    held-out fox images got label 1 (dog) and the scores were silently wrong.
+    They must keep label 2; a held-out class the training folder lacks is
+    refused in one line naming it."""
+    import emc2_tf
+
+    for split, classes in (("train", ("cat", "dog", "fox")), ("val", ("cat", "fox"))):
+        for label, name in enumerate(classes):
+            for i in range(4):
+                _write(tmp_path / split / name / f"{i}.png", _random((6, 6), seed=label * 10 + i))
+    data = emc2_tf.load_dataset("folder", str(tmp_path / "train"),
+                                test_data_dir=str(tmp_path / "val"))
+    assert data.train_images.class_names == data.test_images.class_names == ("cat", "dog", "fox")
+    assert data.test_labels.tolist() == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert [f.split("/")[0] for f in data.test_images.files] == ["cat"] * 4 + ["fox"] * 4
+    _write(tmp_path / "val" / "emu" / "0.png", _random((6, 6)))
+    message = _one_line_error(ValueError, lambda: emc2_tf.load_dataset(
+        "folder", str(tmp_path / "train"), test_data_dir=str(tmp_path / "val")))
+    assert f"class folder {tmp_path / 'val' / 'emu'} is not one of the 3 training classes" in (
+        message)
+
+
+def test_folder_notes_ignored_files_and_grey_and_probes_channels(tmp_path):
+    """Catches (audit) image files beside class folders dropped without a word,
+    one grey image first in sorted order turning a colour folder grey, and a
+    folder that cannot be listed failing with a raw PermissionError."""
+    _write(tmp_path / "mixed" / "a.png", _random((6, 6, 3)))
+    _write(tmp_path / "mixed" / "b.png", _random((6, 6, 3)))
+    _write(tmp_path / "mixed" / "previews" / "p.png", _random((6, 6, 3)))
+    mixed = ImageFolderSource(tmp_path / "mixed")
+    assert mixed.num_images == 1 and mixed.ignored == 2
+    assert mixed.notes() == [
+        f"ignored 2 image file(s) directly inside {tmp_path / 'mixed'}: beside class folders "
+        "(previews) only the class folders' images are read; move them into a class folder, "
+        "or the sub-folders out, to train on them."]
+    _write(tmp_path / "photos" / "000_grey.png", _random((6, 6)))
+    _write(tmp_path / "photos" / "001_colour.png", _random((6, 6, 3)))
+    assert ImageFolderSource(tmp_path / "photos").image_shape == (6, 6, 3)
+    assert ImageFolderSource(tmp_path / "photos").notes() == []
+    _write(tmp_path / "grey" / "0.png", _random((6, 6)))
+    grey = ImageFolderSource(tmp_path / "grey")
+    assert grey.image_shape == (6, 6, 1)
+    assert grey.notes() == ["grey: read as grey (1 channel): the first 1 images are grey."]
+    assert ImageFolderSource(tmp_path / "grey", channels=1).notes() == []
+
+    listing = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("previews"):
+            raise PermissionError(13, "Permission denied")
+        return listing(path)
+
+    os.scandir = refuse
+    try:
+        message = _one_line_error(ValueError, lambda: ImageFolderSource(tmp_path / "mixed"))
+    finally:
+        os.scandir = listing
+    assert message == (f"image folder {tmp_path / 'mixed' / 'previews'} cannot be read "
+                       "(Permission denied).")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,45 @@ def test_mock_data_stl10_and_cifar10_through_data_sources():
             np.testing.assert_array_equal(source.labels, [records[i]["label"] for i in range(9)])
 
 
+def test_a_record_that_cannot_be_read_is_one_line_naming_it(stl10_dir):
+    """Catches (audit) a damaged or missing ArrayRecord shard surfacing as a
+    35-line TensorFlow error while reading (evaluation, fit) or a raw
+    RuntimeError while reading the labels: each is one line naming the data set,
+    the split, the record, and the command that prepares it again."""
+    import emc2_tf
+    from emc2_tf.evaluation import float_batches
+
+    source = TFDSSource("stl10", split="test", data_dir=stl10_dir)
+
+    class Damaged:
+        def __init__(self, records):
+            self.records = records
+
+        def __len__(self):
+            return len(self.records)
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise RuntimeError("ArrayRecord file should be at least 64KB big\nmore")
+            return self.records[i]
+
+    source._data_source = Damaged(source._data_source)
+    with pytest.raises(emc2_tf.SourceReadError) as error:
+        list(float_batches(source, 2))
+    assert str(error.value) == (
+        "TFDS data set 'stl10' split 'test': record 2 cannot be read (ArrayRecord file should "
+        "be at least 64KB big): its files are damaged or changed; prepare it again with "
+        f"`python -m emc2_tf.data.tfds_prepare stl10 --data_dir={stl10_dir}`.")
+    other = TFDSSource("stl10", split="train", data_dir=stl10_dir)
+    assert other.read_error(RuntimeError(str(error.value))) is None  # not its record
+
+    labels = TFDSSource("stl10", split="test", data_dir=stl10_dir)
+    labels._open = lambda builder, decoders: Damaged([{"label": 1}] * 4)
+    message = _one_line_error(lambda: labels.labels)
+    assert message.startswith("TFDS data set 'stl10' split 'test' cannot be read (RuntimeError: "
+                              "ArrayRecord file should be at least 64KB big)")
+
+
 if __name__ == "__main__":
     import sys
 

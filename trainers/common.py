@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from emc2_tf.data.sources import BUILTIN_DATASETS
 from emc2_tf.models import METHODS, image_table, method_options
 
 #: Flags that configure one method's constructor option: flag → (option, value).
@@ -131,9 +132,6 @@ def checkpoint_dir(run_flags) -> str:
     return run_flags.checkpoint_dir
 
 
-#: The built-in data sets; any other `--dataset` is a TFDS data set name.
-BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
-
 #: Data flags that act only on some kinds of `--dataset`: flag → the kinds
 #: (`folder`, `tfds`). Given a non-default value for another kind, they would
 #: change nothing: `check_data_flags` refuses them.
@@ -149,7 +147,7 @@ DATA_FLAGS = {
 
 
 def dataset_kind(dataset: str) -> str:
-    """`digits` | `fashion_mnist` | `folder` | `tfds` (any other name)."""
+    """`digits` | `fashion_mnist` | `folder` | `tfds` (any other name: a TFDS data set)."""
     return dataset if dataset in BUILTIN_DATASETS else "tfds"
 
 
@@ -168,6 +166,12 @@ def check_data_flags(program: str, run_flags) -> None:
     if kind == "folder" and not run_flags.data_dir:
         fail(program, "--dataset=folder needs --data_dir=DIR: the folder of images (one "
                       "sub-folder per class, or a flat folder of unlabelled images).")
+    if (run_flags.jit_compile and kind in ("folder", "tfds") and run_flags.method == "emc2"
+            and (run_flags.out_of_batch == "reencode" or run_flags.exact_ratio)):
+        fail(program, f"--jit_compile cannot re-encode stored negatives read from "
+                      f"--dataset={run_flags.dataset} (files are read by index, outside XLA; "
+                      f"--out_of_batch=reencode and --exact_ratio re-encode them): drop "
+                      "--jit_compile, or use --out_of_batch=drop without --exact_ratio.")
     if run_flags.test_data_dir and run_flags.test_fraction != run_flags["test_fraction"].default:
         fail(program, f"--test_fraction={run_flags.test_fraction} has no effect with "
                       f"--test_data_dir={run_flags.test_data_dir} (the held-out images are that "
@@ -189,28 +193,29 @@ def data_options(run_flags) -> dict:
 
 def load_data(program: str, dataset: str, data_dir: str | None, **options):
     """`emc2_tf.load_dataset(dataset, data_dir, **options)`; a bad data set or
-    file is one line naming `--dataset`, and skipped files are reported."""
+    file is one line naming `--dataset`; skipped or ignored files, and folders
+    read as grey, are reported (one line each, on stderr)."""
     import emc2_tf
 
     try:
         data = emc2_tf.load_dataset(dataset, data_dir, **options)
     except (FileNotFoundError, ValueError) as error:
         fail(program, f"--dataset={dataset}: {error}")
-    for line in skipped_files(data):
+    for line in source_notes(data):
         print(f"{program}: {line}", file=sys.stderr)
     return data
 
 
-def skipped_files(data) -> list[str]:
-    """One line per image folder of `data` that skipped unreadable files
-    (`--skip_corrupt`)."""
+def source_notes(data) -> list[str]:
+    """The notes of the image folders behind `data`'s splits (files skipped or
+    ignored, images read as grey: `ImageFolderSource.notes`), each once."""
     lines = []
-    for images in {id(s): s for s in (data.train_images, data.test_images)}.values():
-        while hasattr(images, "source"):  # a SubsetSource: the folder behind it
+    for images in (data.train_images, data.test_images):
+        while hasattr(images, "source"):  # a held-out share or subset: the folder behind it
             images = images.source
-        summary = getattr(images, "skipped_summary", lambda: "")()
-        if summary and summary not in lines:
-            lines.append(summary)
+        for line in getattr(images, "notes", lambda: [])():
+            if line not in lines:
+                lines.append(line)
     return lines
 
 

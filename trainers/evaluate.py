@@ -23,6 +23,8 @@ from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402
     check_output_dirs,
+    data_options,
+    dataset_kind,
     define_checkpoint_flags,
     fail as _fail,
     load_data,
@@ -76,6 +78,17 @@ def saved_model_embedder(path: str):
     return embed
 
 
+def other_data_options(run_flags, dataset: str, image_shape) -> dict:
+    """The data options for evaluating a run on another `--dataset`/`--data_dir`:
+    the run's own options when the kind of data set is the same (its splits,
+    held-out share), and the run's image size for folders and TFDS."""
+    kind = dataset_kind(dataset)
+    options = data_options(run_flags) if kind == dataset_kind(run_flags.dataset) else {}
+    if kind in ("folder", "tfds"):
+        options["image_size"] = tuple(image_shape[:2])
+    return options
+
+
 def first_image(images):
     """Image 0 of an array or a source, as a batch of one."""
     import emc2_tf
@@ -108,7 +121,11 @@ def main(argv):
         run_flags, run, path = load_trained_run(PROGRAM, FLAGS.checkpoint_dir, FLAGS.checkpoint)
         dataset = FLAGS.dataset or run_flags.dataset
         data_dir = FLAGS.data_dir if FLAGS.data_dir is not None else run_flags.data_dir
-        data = run.data if dataset == run_flags.dataset else load_data(PROGRAM, dataset, data_dir)
+        if (dataset, data_dir) == (run_flags.dataset, run_flags.data_dir):
+            data = run.data
+        else:
+            data = load_data(PROGRAM, dataset, data_dir,
+                             **other_data_options(run_flags, dataset, run.data.image_shape))
         if data.image_shape != run.data.image_shape:
             fail(f"--dataset={dataset} has {data.image_shape} images; the encoder takes "
                  f"{run.data.image_shape}.")
@@ -140,6 +157,7 @@ def main(argv):
     except Exception as error:  # e.g. a SavedModel for another image shape
         fail(f"embedding the {data.name} images failed: {str(error).splitlines()[0]}")
     results["dataset"] = data.name
+    results["held_out_size"] = len(test_labels)
     results["knn_accuracy"] = emc2_tf.knn_accuracy(train, train_labels, test, test_labels)
     if FLAGS.linear_probe:
         results["linear_probe_accuracy"] = emc2_tf.linear_probe_accuracy(

@@ -22,10 +22,13 @@ import numpy as np
 
 from emc2_tf.data.folder import ImageFolderSource
 from emc2_tf.data.image_source import ImageSource, SubsetSource
-from emc2_tf.data.sources import ImageDataset, from_sources, load_digits, load_fashion_mnist
-
-#: The data sets `load_dataset` knows without TensorFlow Datasets.
-BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
+from emc2_tf.data.sources import (
+    BUILTIN_DATASETS,
+    ImageDataset,
+    from_sources,
+    load_digits,
+    load_fashion_mnist,
+)
 
 #: The held-out fraction of a labelled folder without `test_data_dir`.
 DEFAULT_TEST_FRACTION = 0.1
@@ -39,9 +42,10 @@ def holdout_split(source: ImageSource, test_fraction: float = DEFAULT_TEST_FRACT
                   seed: int = HOLDOUT_SEED) -> tuple[ImageSource, ImageSource]:
     """`(train, held-out)` subsets of a labelled `source`, stratified by label.
 
-    `round(test_fraction · N)` images (at least one per class) are held out,
-    chosen by scikit-learn's `train_test_split(stratify=labels,
-    random_state=seed)`; both subsets keep the source's order. The same
+    ⌈test_fraction · N⌉ images are held out, chosen by scikit-learn's
+    `train_test_split(stratify=labels, random_state=seed)`: each class keeps
+    its share, rounded (a class much smaller than 1 / test_fraction may
+    have no held-out image); both subsets keep the source's order. The same
     folder always gives the same split.
 
     Raises:
@@ -66,10 +70,14 @@ def holdout_split(source: ImageSource, test_fraction: float = DEFAULT_TEST_FRACT
         train, test = train_test_split(np.arange(source.num_images), test_size=test_fraction,
                                        stratify=labels, random_state=seed)
     except ValueError as error:  # e.g. fewer held-out images than classes
+        held_out = int(np.ceil(test_fraction * source.num_images))
+        side = ("training" if source.num_images - held_out < len(counts) else "held-out")
+        change = "lower" if side == "training" else "raise"
         raise ValueError(f"test_fraction={test_fraction} (--test_fraction) cannot split the "
-                         f"{source.num_images} images of {source.name} by class ({error}): "
-                         "raise it, or name a separate held-out folder (--test_data_dir).") \
-            from None
+                         f"{source.num_images} images of {source.name} by class: the {side} "
+                         f"share would hold fewer images than the {len(counts)} classes; "
+                         f"{change} it, or name a separate held-out folder "
+                         "(--test_data_dir).") from None
     return (SubsetSource(source, np.sort(train), name=source.name),
             SubsetSource(source, np.sort(test), name=f"{source.name} (held out)"))
 
@@ -87,7 +95,9 @@ def load_image_folder(
         directory: the training images: one sub-folder per class, or a flat
             folder (unlabelled).
         test_directory: a separate held-out folder, read at the training
-            images' size and channels. Without it, a labelled folder holds out
+            images' size and channels, its class folders labelled by their
+            names in the training folder (it may hold only some classes; a
+            class the training folder lacks is refused). Without it, a labelled folder holds out
             `test_fraction` of its images (`holdout_split`: stratified, the
             same on every run) and an unlabelled one has no held-out split
             (`test_images` None: training without evaluation).
@@ -99,7 +109,7 @@ def load_image_folder(
     if test_directory:
         height, width, channels = train.image_shape
         test = ImageFolderSource(test_directory, image_size=(height, width), channels=channels,
-                                 skip_corrupt=skip_corrupt)
+                                 skip_corrupt=skip_corrupt, class_names=train.class_names)
         return from_sources(train, test)
     if train.labels is None:
         return from_sources(train, None)

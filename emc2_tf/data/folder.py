@@ -42,6 +42,9 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 #: Marker of the in-graph error raised when a file cannot be read or decoded.
 UNREADABLE_FILE_MESSAGE = "emc2_tf: unreadable image file"
 
+#: How many of the first images decide the default channels (any in colour → 3).
+CHANNEL_PROBE = 16
+
 #: How many skipped files a summary names.
 SKIPPED_SHOWN = 5
 
@@ -60,7 +63,7 @@ def _image_files(folder: str, relative_to: str, recursive: bool) -> list[tuple[s
     `follow_links=False`).
     """
     found = []
-    with os.scandir(folder) as entries:
+    with _listing(folder) as entries:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -70,6 +73,16 @@ def _image_files(folder: str, relative_to: str, recursive: bool) -> list[tuple[s
             elif recursive and entry.is_dir(follow_symlinks=False):
                 found.extend(_image_files(entry.path, relative_to, recursive=True))
     return found
+
+
+def _listing(folder: str):
+    """`os.scandir(folder)`; a folder that cannot be listed (permissions, I/O) is
+    a one-line `ValueError` naming it."""
+    try:
+        return os.scandir(folder)
+    except OSError as error:
+        raise ValueError(f"image folder {folder} cannot be read "
+                         f"({error.strerror or error}).") from None
 
 
 def looks_complete(head: bytes, tail: bytes, size: int) -> bool:
@@ -156,14 +169,22 @@ class ImageFolderSource(ImageSource):
             Resizing is bilinear with antialiasing (`tf.image.resize(...,
             "bilinear", antialias=True)`: an area-weighted filter when
             shrinking), rounded back to uint8; the aspect ratio is not kept.
-        channels: 1 or 3. Default: the first image's (grey or grey+alpha → 1,
-            RGB or RGBA → 3; GIFs decode as RGB, animated ones as their first
-            frame; 16-bit PNGs are scaled to 8 bits). Grey files in a 3-channel
+        channels: 1 or 3. Default: 3 when any of the first
+            `CHANNEL_PROBE` images (in sorted order) is in colour, else 1
+            (grey or grey+alpha → 1, RGB or RGBA → 3; GIFs decode as RGB,
+            animated ones as their first frame; 16-bit PNGs are scaled to 8
+            bits): one grey photo first in a colour data set does not make it
+            grey. Grey files in a 3-channel
             source are repeated on the 3 channels; RGB files in a 1-channel
             source become grey with `tf.image.rgb_to_grayscale`'s weights,
             rounded; alpha is dropped.
         skip_corrupt: leave out the files the scan finds unreadable (named in
             `skipped`) instead of refusing the folder.
+        class_names: the class of each label, in label order (e.g. the
+            training folder's `class_names` for its held-out folder): each
+            sub-folder gets the label of its name there, so a held-out folder
+            holding only some classes keeps the training labels. A sub-folder
+            not named there is refused. Default: the sub-folders, sorted.
         name: names the source in messages; default the folder's base name.
 
     Raises:
@@ -181,6 +202,7 @@ class ImageFolderSource(ImageSource):
         channels: int | None = None,
         skip_corrupt: bool = False,
         name: str | None = None,
+        class_names: tuple[str, ...] | list[str] | None = None,
     ):
         directory = os.fspath(directory)
         if not os.path.exists(directory):
@@ -193,8 +215,11 @@ class ImageFolderSource(ImageSource):
             raise ValueError(f"channels must be 1 or 3 (or None: the first image's) for the "
                              f"images of {directory}; got {channels!r}.")
         self.directory = directory
+        self._channels_given = channels is not None
         self.name = name or os.path.basename(os.path.normpath(directory)) or directory
         files, self.class_names, self.ignored = self._scan(directory)
+        if class_names is not None and self.class_names is not None:
+            files = self._relabel(files, tuple(class_names))
         files, self.skipped, first = self._drop_unreadable(files, skip_corrupt)
         if self.class_names is not None:
             self._check_classes(files)
@@ -205,7 +230,7 @@ class ImageFolderSource(ImageSource):
         self._fingerprint = fingerprint_of(
             [f"folder {self.num_images}"]
             + [f"{relative}\t{nbytes}" for relative, _, nbytes in files])
-        self.image_shape = (*(size or first[:2]), channels or (1 if first[2] <= 2 else 3))
+        self.image_shape = (*(size or first[:2]), channels or self._default_channels(first))
         self.dtype = tf.uint8
         # Bytes, not str: a file name that is not valid UTF-8 is read all the same.
         self._paths = tf.constant([os.fsencode(self.path(i)) for i in range(self.num_images)])
@@ -216,7 +241,7 @@ class ImageFolderSource(ImageSource):
         """`([(relative path, label, bytes)], class names or None, ignored count)`,
         sorted by (class, relative path)."""
         top = _image_files(directory, directory, recursive=False)
-        with os.scandir(directory) as entries:
+        with _listing(directory) as entries:
             folders = sorted(entry.name for entry in entries
                              if not entry.name.startswith(".") and entry.is_dir())
         per_class = {name: _image_files(os.path.join(directory, name), directory, recursive=True)
@@ -267,13 +292,60 @@ class ImageFolderSource(ImageSource):
                              f"unreadable or corrupt ({_describe_skipped(tuple(skipped))}).")
         return kept, tuple(skipped), first
 
+    def _relabel(self, files, class_names: tuple[str, ...]):
+        """`files` labelled by their class' position in `class_names` (which
+        become this source's), in (label, path) order; a class folder not in
+        `class_names` is a one-line `ValueError`."""
+        unknown = [name for name in self.class_names if name not in class_names]
+        if unknown:
+            raise ValueError(
+                f"class folder {os.path.join(self.directory, unknown[0])} is not one of the "
+                f"{len(class_names)} training classes ({', '.join(class_names[:SKIPPED_SHOWN])}"
+                f"{', …' if len(class_names) > SKIPPED_SHOWN else ''}): a held-out folder may "
+                "hold only classes of the training folder.")
+        position = {name: class_names.index(name) for name in self.class_names}
+        self._present = {position[name] for name in self.class_names}
+        self.class_names = class_names
+        relabelled = [(relative, position[relative.split("/", 1)[0]], nbytes)
+                      for relative, _, nbytes in files]
+        return sorted(relabelled, key=lambda item: (item[1], item[0]))
+
     def _check_classes(self, files) -> None:
-        """Every class keeps an image after skipping (labels must stay dense)."""
+        """Every class folder keeps an image after skipping (labels must stay
+        dense; with `class_names`, only the classes present are checked)."""
         present = {label for _, label, _ in files}
-        empty = [name for label, name in enumerate(self.class_names) if label not in present]
+        expected = getattr(self, "_present", range(len(self.class_names)))
+        empty = [self.class_names[label] for label in sorted(expected) if label not in present]
         if empty:
             raise ValueError(self._empty_class_message(empty).replace(
                 "holds no image files", "holds no readable image files"))
+
+    def _default_channels(self, first: tuple[int, int, int]) -> int:
+        """3 if the first image or any of the next `CHANNEL_PROBE` − 1 is in colour, else 1."""
+        if first[2] > 2:
+            return 3
+        for relative in self.files[1:CHANNEL_PROBE]:
+            shape = _decoded_shape(os.path.join(self.directory, relative))
+            if shape is not None and shape[2] > 2:
+                return 3
+        return 1
+
+    def notes(self) -> list[str]:
+        """One line per thing a user should know that is not an error: files
+        skipped (`skip_corrupt`), image files left out beside class folders
+        (Keras' rule), images read as grey."""
+        lines = [self.skipped_summary()] if self.skipped else []
+        if self.ignored:
+            lines.append(
+                f"ignored {self.ignored} image file(s) directly inside {self.directory}: "
+                f"beside class folders ({', '.join(self.class_names[:SKIPPED_SHOWN])}"
+                f"{', …' if len(self.class_names) > SKIPPED_SHOWN else ''}) only the class "
+                "folders' images are read; move them into a class folder, or the sub-folders "
+                "out, to train on them.")
+        if self.image_shape[2] == 1 and not self._channels_given:
+            lines.append(f"{self.name}: read as grey (1 channel): the first "
+                         f"{min(CHANNEL_PROBE, self.num_images)} images are grey.")
+        return lines
 
     @staticmethod
     def _unreadable_message(path: str) -> str:

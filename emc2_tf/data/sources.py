@@ -292,7 +292,9 @@ def load_tfds(
     image_key: str = "image",
     label_key: str = "label",
 ) -> ImageDataset:
-    """A prepared TensorFlow Datasets data set, read into memory; never downloads.
+    """A prepared TensorFlow Datasets data set, read into memory as uint8; never
+    downloads. For data that need not fit in memory, any split expression and
+    `download`, use `load_tfds_splits` (read by index).
 
     Args:
         name: the tfds builder name, e.g. `cifar10` or `stl10`.
@@ -334,9 +336,10 @@ def load_tfds(
 
     train, test = (to_numpy(split) for split in splits)
     return from_arrays(
-        train[image_key], train[label_key], test[image_key], test[label_key], name=name
+        train[image_key], train[label_key], test[image_key], test[label_key], name=name,
+        keep_uint8=True,
     )
 
 
-#: The built-in data sets (`emc2_tf.data.catalog.load_dataset` adds `folder`).
-BUILTIN_DATASETS = ("digits", "fashion_mnist")
+#: The data sets `load_dataset` (`emc2_tf.data.catalog`) knows without TFDS.
+BUILTIN_DATASETS = ("digits", "fashion_mnist", "folder")
