@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from emc2_tf.data.image_source import SubsetSource
 from emc2_tf.data.sources import BUILTIN_DATASETS
 from emc2_tf.models import METHODS, image_table, method_options
 
@@ -211,9 +212,7 @@ def source_notes(data) -> list[str]:
     ignored, images read as grey: `ImageFolderSource.notes`), each once."""
     lines = []
     for images in (data.train_images, data.test_images):
-        while hasattr(images, "source"):  # a held-out share or subset: the folder behind it
-            images = images.source
-        for line in getattr(images, "notes", lambda: [])():
+        for line in getattr(base_source(images), "notes", lambda: [])():
             if line not in lines:
                 lines.append(line)
     return lines
@@ -229,6 +228,14 @@ def load_run_data(program: str, run_flags):
         return emc2_tf.subset_train(data, run_flags.train_size, seed=run_flags.seed)
     except ValueError as error:
         fail(program, f"--train_size={run_flags.train_size}: {error}")
+
+
+def base_source(images):
+    """The images behind a `SubsetSource` (a held-out share, a `--train_size`
+    subset), however deeply nested; anything else as it is."""
+    while isinstance(images, SubsetSource):
+        images = images.source
+    return images
 
 
 def data_fingerprint(data) -> str:

@@ -246,11 +246,12 @@ def flags_file_text(flag_values: flags.FlagValues, names) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_flags_file(directory: str, text: str) -> str:
-    """Writes `<directory>/flags.txt` atomically (temporary file + rename)."""
+def write_text_file(directory: str, name: str, text: str) -> str:
+    """Writes `<directory>/<name>` atomically (temporary file + rename): a crash or
+    a full disk leaves the old file or the new one, never half of one."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, FLAGS_FILE)
-    handle, staging = tempfile.mkstemp(prefix=".flags-", dir=directory)
+    path = os.path.join(directory, name)
+    handle, staging = tempfile.mkstemp(prefix=f".{name}-", dir=directory)
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
@@ -261,6 +262,11 @@ def write_flags_file(directory: str, text: str) -> str:
             os.remove(staging)
         raise
     return path
+
+
+def write_flags_file(directory: str, text: str) -> str:
+    """Writes `<directory>/flags.txt` atomically (`write_text_file`)."""
+    return write_text_file(directory, FLAGS_FILE, text)
 
 
 def read_flags_file(directory: str) -> flags.FlagValues:

@@ -22,7 +22,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags, logging  # noqa: E402
 
 from trainers.common import (  # noqa: E402  (light: no TensorFlow imported yet)
+    base_source,
     build_run,
     check_flag_combinations,
     check_method_flags,
@@ -49,6 +49,7 @@ from trainers.run_flags import (  # noqa: E402
     flags_file_text,
     read_flags_file,
     write_flags_file,
+    write_text_file,
 )
 
 FLAGS = flags.FLAGS
@@ -161,10 +162,7 @@ def data_record(data) -> dict:
     """`data.txt`'s fields: the data set's name, its number of images as found
     (`images`: a folder's files, before any held-out share or `--train_size`
     subset), the N trained on and the training images' fingerprint."""
-    images = data.train_images
-    while hasattr(images, "source"):  # a held-out share or a subset: the images behind it
-        images = images.source
-    return {"name": data.name, "images": str(len(images)), "N": str(data.num_train),
+    return {"name": data.name, "images": str(len(base_source(data.train_images))), "N": str(data.num_train),
             "fingerprint": data_fingerprint(data)}
 
 
@@ -192,12 +190,8 @@ def check_same_data(directory: str, data) -> None:
 
 
 def write_data_file(directory: str, data) -> None:
-    text = "".join(f"{key}={value}\n" for key, value in data_record(data).items())
-    handle, staging = tempfile.mkstemp(prefix=".data-", dir=directory)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.chmod(staging, 0o644)
-    os.replace(staging, os.path.join(directory, DATA_FILE))
+    write_text_file(directory, DATA_FILE,
+                    "".join(f"{key}={value}\n" for key, value in data_record(data).items()))
 
 
 def remove_checkpoints(directory: str) -> None:
