@@ -68,6 +68,28 @@ def unpack_two_view_batch(data: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return index, view1, view2
 
 
+def view_index_of(data: Any) -> tf.Tensor | None:
+    """The numbers of the two stored views of each image, int32 `[B, 2]`, or None.
+
+    A batch drawn from a finite set of K stored augmentations per image
+    (`make_two_view_dataset(..., finite_augmentations=K)`) carries, besides
+    `index`, `view_index[b] = (k1, k2)`: view 1 of image `index[b]` is its
+    stored view `k1`, view 2 its stored view `k2` (`k1 != k2`, both in
+    `[0, K)`). Row `index * K + k` of the stored-view table is that view.
+    Other batches (a dict without the key, or a tuple) have none.
+    """
+    if not isinstance(data, dict) or "view_index" not in data:
+        return None
+    view_index = data["view_index"]
+    dtype = tf.as_dtype(view_index.dtype)
+    if not dtype.is_integer or view_index.shape.rank != 2 or view_index.shape[-1] not in (2, None):
+        raise ValueError(
+            f"view_index must be an integer tensor [B, 2] (the two stored views of each "
+            f"image); got dtype {dtype.name}, shape {view_index.shape}."
+        )
+    return tf.cast(view_index, tf.int32)
+
+
 def check_two_view_spec(index: Any, view1: Any, view2: Any) -> None:
     """Static checks of dtypes and ranks (works on tensors and TensorSpecs)."""
     index_dtype = tf.as_dtype(index.dtype)

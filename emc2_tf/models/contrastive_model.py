@@ -17,7 +17,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from emc2_tf.data.batch import INDEX_RANGE_MESSAGE, check_dataset, unpack_two_view_batch
+from emc2_tf.data.batch import (
+    INDEX_RANGE_MESSAGE,
+    check_dataset,
+    unpack_two_view_batch,
+    view_index_of,
+)
 from emc2_tf.data.image_source import SourceReadError
 
 
@@ -96,6 +101,11 @@ class ContrastiveModel(keras.Model):
 
     #: Names of the per-step scalars a method logs besides `loss`.
     step_metric_names: tuple[str, ...] = ()
+
+    #: Whether `contrastive_loss` takes `view_index` (int32 `[B, 2]` or None):
+    #: the stored views of a finite-augmentation batch (`view_index_of`).
+    #: Methods that do not care never see it.
+    uses_view_index: bool = False
 
     def __init__(
         self,
@@ -206,6 +216,8 @@ class ContrastiveModel(keras.Model):
         Args:
             index: int32 `[B]` sample indices.
             embeddings: `[2B, D]`, view 1 of the B images then view 2.
+        A method with `uses_view_index = True` is also given `view_index`:
+        int32 `[B, 2]`, the stored views of a finite-augmentation batch, or None.
         Runs inside the gradient tape; state updates happen here too.
         `training=False` (`test_step`, held-out data): read and write no
         per-sample state, draw with `evaluation_uniform`.
@@ -293,6 +305,12 @@ class ContrastiveModel(keras.Model):
         views = tf.concat([tf.cast(view1, tf.float32), tf.cast(view2, tf.float32)], axis=0)
         return tf.cast(index, tf.int32), views
 
+    def _view_kwargs(self, data) -> dict[str, Any]:
+        """`{'view_index': ...}` for a method that takes it (`uses_view_index`), else `{}`."""
+        if not self.uses_view_index:
+            return {}
+        return {"view_index": view_index_of(data)}
+
     def _logs(self, loss: tf.Tensor, scalars: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Updates the loss and step trackers; returns the logs Keras reports."""
         self.loss_tracker.update_state(loss)
@@ -311,7 +329,8 @@ class ContrastiveModel(keras.Model):
             # Under a mixed-precision policy the encoder computes in float16 or
             # bfloat16; the loss, the sampler and the per-sample state stay float32.
             embeddings = tf.cast(self.encoder(views, training=True), tf.float32)
-            loss, scalars = self.contrastive_loss(index, embeddings, training=True)
+            loss, scalars = self.contrastive_loss(
+                index, embeddings, training=True, **self._view_kwargs(data))
             context = tf.distribute.get_replica_context()
             replicas = 1 if context is None else context.num_replicas_in_sync
             scaled_loss = loss / tf.cast(replicas, loss.dtype)
@@ -344,7 +363,8 @@ class ContrastiveModel(keras.Model):
         """
         index, views = self._index_and_views(data)
         embeddings = tf.cast(self.encoder(views, training=False), tf.float32)
-        return self._logs(*self.contrastive_loss(index, embeddings, training=False))
+        return self._logs(*self.contrastive_loss(index, embeddings, training=False,
+                                                  **self._view_kwargs(data)))
 
     def predict_step(self, data):
         """Embeddings of a batch of images (or of view 1 of a two-view batch)."""
