@@ -50,3 +50,11 @@ def test_bad_view_index_is_refused_in_one_line():
         view_index_of({"view_index": tf.zeros([4, 3], tf.int32)})
     with pytest.raises(ValueError, match="view_index must be"):
         view_index_of({"view_index": tf.zeros([4, 2], tf.float32)})
+
+
+if __name__ == "__main__":
+    import sys
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
