@@ -82,6 +82,7 @@ from emc2_tf.losses import (
 )
 from emc2_tf.models import (
     METHODS,
+    CacheModel,
     ContrastiveModel,
     EMC2Model,
     InBatchContrastiveModel,

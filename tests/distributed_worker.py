@@ -95,6 +95,8 @@ def main(argv):
             keras.layers.Dense(8), keras.layers.UnitNormalization(),
         ])
         options = {"images": images, "scan": args.scan} if args.method == "emc2" else {}
+        if args.method == "cache":
+            options = {"images": images}
         model = emc2_tf.build_model(args.method, encoder=encoder, dataset_size=len(images),
                                     temperature=args.temperature, seed=0, **options)
         model.compile(optimizer=keras.optimizers.SGD(0.5))

@@ -115,8 +115,8 @@ def test_kcl_alignment_carries_the_authors_factor_2_and_honours_t_and_gamma():
 
 
 def test_registry_builds_every_method():
-    assert set(emc2_tf.METHODS) == {"emc2", "sogclr", "simclr", "dcl", "dhel", "kcl"}
-    with pytest.raises(ValueError, match="accepted: dcl, dhel, emc2, kcl, simclr, sogclr"):
+    assert set(emc2_tf.METHODS) == {"emc2", "sogclr", "simclr", "dcl", "dhel", "kcl", "cache"}
+    with pytest.raises(ValueError, match="accepted: cache, dcl, dhel, emc2, kcl, simclr, sogclr"):
         emc2_tf.build_model("moco", encoder=None, dataset_size=10)
 
 

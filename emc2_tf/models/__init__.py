@@ -15,6 +15,7 @@ from emc2_tf.losses.dcl import dcl_loss
 from emc2_tf.losses.dhel import dhel_loss
 from emc2_tf.losses.kcl import kcl_loss
 from emc2_tf.losses.nt_xent import nt_xent_loss
+from emc2_tf.models.cache import CacheModel
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.models.emc2 import EMC2Model, image_table
 from emc2_tf.models.in_batch import InBatchContrastiveModel
@@ -58,6 +59,7 @@ METHODS: dict[str, Callable[..., ContrastiveModel]] = {
     "dcl": _in_batch(dcl_loss),
     "dhel": _in_batch(dhel_loss),
     "kcl": kcl_model,
+    "cache": CacheModel,
 }
 
 
