@@ -160,7 +160,7 @@ METHOD_INDEPENDENT = {
 }
 #: A value other than the default for each non-boolean, non-enum audited flag.
 ALTERNATIVE = {"temperature": "0.5", "burn_in": "0", "gamma": "0.5", "kcl_t": "0.5",
-               "kcl_gamma": "4"}
+               "kcl_gamma": "4", "cache_refresh": "0.5", "cache_negatives": "2"}
 #: Flags whose values give identical results by design: they must reach the
 #: model's config instead (EMC²'s scan implementations agree draw for draw).
 RESULT_NEUTRAL = ("scan",)

@@ -183,7 +183,7 @@ def test_console_scripts_run_the_absl_clis(installed):
         assert result.returncode == 0, (result.args, result.stderr[-3000:])
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert train.stdout.startswith("Pre-train an encoder with a contrastive method")
-    assert "--method: <dcl|dhel|emc2|kcl|simclr|sogclr>" in train.stdout
+    assert "--method: <cache|dcl|dhel|emc2|kcl|simclr|sogclr>" in train.stdout
     assert "--[no]export" in train.stdout and "--resume_from" in train.stdout
     assert evaluate.stdout.startswith("Evaluate a trained encoder")
     assert "Try --helpfull" in evaluate.stdout
@@ -264,7 +264,7 @@ def test_editable_install_runs_from_the_sources(tmp_path):
     assert not (install["site"] / "emc2_tf").exists()
     (train,) = _run_scripts(install, [["emc2-train", "--helpfull"]])
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "--method: <dcl|dhel|emc2|kcl|simclr|sogclr>" in train.stdout
+    assert "--method: <cache|dcl|dhel|emc2|kcl|simclr|sogclr>" in train.stdout
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ METHOD_FLAGS = {
     "gamma": ("gamma", float),
     "kcl_t": ("kcl_t", float),
     "kcl_gamma": ("kcl_gamma", float),
+    "cache_refresh": ("cache_refresh", float),
+    "cache_negatives": ("cache_negatives", int),
 }
 
 

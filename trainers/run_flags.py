@@ -29,9 +29,9 @@ FLAGS_FILE = "flags.txt"
 RUN_DEFINING = (
     "method", "dataset", "data_dir", "batch_size", "temperature", "learning_rate", "seed",
     "encoder", "burn_in", "exact_ratio", "out_of_batch", "waste_recycling", "gamma", "kcl_t",
-    "kcl_gamma", "batch_selection", "spectral_every", "spectral_groups", "model_name",
-    "optimizer", "weight_decay", "warmup_epochs", "train_size", "test_fraction", "image_size",
-    "skip_corrupt", "train_split",
+    "kcl_gamma", "cache_refresh", "cache_negatives", "batch_selection", "spectral_every",
+    "spectral_groups", "model_name", "optimizer", "weight_decay", "warmup_epochs", "train_size",
+    "test_fraction", "image_size", "skip_corrupt", "train_split",
 )
 
 
@@ -84,8 +84,8 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float(
         "temperature", None,
         "Temperature τ > 0 (β = 1/τ); default: the method's own (emc2 0.07, sogclr 0.1, "
-        "simclr 0.1, dcl 0.1, dhel 0.3). kcl has no temperature (its kernel's scale is "
-        "--kcl_t): refused there.", **fv)
+        "simclr 0.1, dcl 0.1, dhel 0.3, cache 0.07). kcl has no temperature (its kernel's "
+        "scale is --kcl_t): refused there.", **fv)
     flags.DEFINE_float("learning_rate", 1e-3,
                        "Learning rate (the peak of the schedule when --warmup_epochs > 0).", **fv)
     flags.DEFINE_enum("optimizer", "adam", list(OPTIMIZERS),
@@ -137,6 +137,13 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("kcl_gamma", 16.0,
                        "kcl only: weight γ of the energy (uniformity) term, > 0 (authors 16).",
                        **fv)
+    flags.DEFINE_float("cache_refresh", 0.1,
+                       "cache only: share ρ in [0, 1] of the cache rows re-encoded with the "
+                       "updated encoder after each step, the stalest first (paper 0.1).", **fv)
+    flags.DEFINE_integer("cache_negatives", 1,
+                         "cache only: negatives M ≥ 1 drawn per anchor from the cache by "
+                         "Gumbel-max without replacement, re-encoded with gradient (paper 1).",
+                         **fv)
     flags.DEFINE_enum("batch_selection", "random", list(BATCH_SELECTIONS),
                       "random: uniform shuffling; spectral: spectral-clustering batches "
                       "(Cho et al.), any method.", **fv)
@@ -198,6 +205,9 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "gamma": (lambda v: 0 < v <= 1, "--gamma must be in (0, 1] (e.g. 0.9)."),
         "kcl_t": (_finite, "--kcl_t must be finite and > 0 (e.g. 2)."),
         "kcl_gamma": (_finite, "--kcl_gamma must be finite and > 0 (e.g. 16)."),
+        "cache_refresh": (lambda v: 0 <= v <= 1,
+                          "--cache_refresh must be in [0, 1] (e.g. 0.1)."),
+        "cache_negatives": (lambda v: v >= 1, "--cache_negatives must be ≥ 1 (e.g. 1)."),
         "spectral_every": (lambda v: v >= 1, "--spectral_every must be ≥ 1."),
         "spectral_groups": (lambda v: v >= 1, "--spectral_groups must be ≥ 1."),
         "batch_size": (lambda v: v >= 2, "--batch_size must be ≥ 2."),
