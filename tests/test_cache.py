@@ -305,7 +305,7 @@ def test_two_replicas_keep_identical_tables_with_every_replicas_rows(tmp_path):
 
 
 def test_keras_file_round_trip_and_fit_loss_equals_float64_recomputation(tmp_path):
-    """`fit` on a `make_two_view_dataset` (64 digits-size 8x8 images, B = 64: one
+    """`fit` on a `make_two_view_dataset` (64 digits-size 8x8 images, B = 32, one
     step, fixed uniforms): it fills the cache with the initial weights, and its
     logged loss equals the float64 surrogate recomputed from those weights, the
     batch and the draws. Then `model.save` / `keras.models.load_model` keep the
@@ -315,7 +315,7 @@ def test_keras_file_round_trip_and_fit_loss_equals_float64_recomputation(tmp_pat
     Catches: `fit` training on an empty cache (no fill), a loss that is not the
     surrogate, cache state missing from the .keras file, `images` saved in config.
     """
-    n, batch_size, beta = 64, 64, 5.0
+    n, batch_size, beta = 64, 32, 5.0
     rng = np.random.default_rng(7)
     images = (rng.integers(0, 17, (n, 8, 8, 1)) / 16).astype(np.float32)
     encoder = _dense_encoder((8, 8, 1), dim=8)
@@ -326,9 +326,9 @@ def test_keras_file_round_trip_and_fit_loss_equals_float64_recomputation(tmp_pat
     uniforms = rng.random((3, 2 * batch_size, n)).astype(np.float32)
     _fixed_uniforms(model, uniforms)
     dataset = emc2_tf.make_two_view_dataset(images, batch_size, augment=None, seed=0)
-    dataset.epoch_schedule.set_epoch(0)  # the epoch `fit` trains (one batch of 64)
-    (batch,) = list(dataset)
-    history = model.fit(dataset, epochs=1, verbose=0)
+    dataset.epoch_schedule.set_epoch(0)  # the epoch `fit` trains
+    batch = next(iter(dataset))
+    history = model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0)
 
     index = batch["index"].numpy()
     z = np.concatenate([initial[index], initial[index]])
@@ -410,6 +410,18 @@ def test_cli_trains_cache_with_its_flags(tmp_path):
     assert summary["global_contrastive_loss"] < summary["initial_global_contrastive_loss"] - 0.05
     flags_file = (tmp_path / "ck" / "flags.txt").read_text()
     assert "--cache_negatives=2" in flags_file and "--cache_refresh=0.25" in flags_file
+
+    from absl import flags
+
+    from trainers.common import build_run
+    from trainers.run_flags import define_train_flags
+
+    run_flags = flags.FlagValues()
+    define_train_flags(run_flags)
+    run_flags(["train", *args[2:]])
+    model = build_run("train", run_flags).model  # the trainer's own model for these flags
+    assert isinstance(model, CacheModel) and model.images is not None
+    assert (model.cache_negatives, model.cache_refresh, model.temperature) == (2, 0.25, 0.2)
 
 if __name__ == "__main__":
     import sys
