@@ -356,6 +356,53 @@ def test_keras_file_round_trip_and_fit_loss_equals_float64_recomputation(tmp_pat
         loaded.fit(dataset, epochs=1, verbose=0)
 
 
+def test_evaluate_reads_the_cache_writes_nothing_and_compiles_with_xla():
+    """Under `jit_compile=True` (Keras' "auto" on a GPU): one training step, then
+    `evaluate` on a held-out batch twice. Both give the float64 surrogate computed
+    from the cache, the `evaluation_uniform` draws, no excluded row (held-out indices
+    own no cache row) and negatives encoded with the current weights; every weight,
+    the cache and the training draws' seed state are unchanged.
+
+    Catches: evaluation writing the batch into the cache (held-out images over
+    training rows), excluding rows by the held-out indices, advancing the training
+    draws, a value that changes between calls, a step XLA cannot compile.
+    """
+    n, batch_size, beta, draws = 32, 8, 5.0, 2
+    rng = np.random.default_rng(8)
+    images = (rng.integers(0, 256, (n, 8, 8, 1))).astype(np.uint8)
+    held_out = (rng.integers(0, 256, (batch_size, 8, 8, 1)) / 255).astype(np.float32)
+    model = CacheModel(_dense_encoder((8, 8, 1), dim=8), n, images=images,
+                       temperature=1 / beta, cache_negatives=draws, seed=3)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    model.fit(emc2_tf.make_two_view_dataset(images, batch_size, seed=0), epochs=1,
+              steps_per_epoch=1, verbose=0)
+    state = [np.array(weight.numpy()) for weight in model.weights]
+    seed_state = np.array(model.seed_generator.state.numpy())
+    index = np.arange(batch_size)
+    batch = {"index": tf.constant(index, tf.int32), "view1": tf.constant(held_out),
+             "view2": tf.constant(held_out[:, :, ::-1])}
+    evaluations = [model.evaluate(tf.data.Dataset.from_tensors(batch), verbose=0,
+                                  return_dict=True) for _ in range(2)]
+    assert evaluations[0] == evaluations[1]
+    for before, weight in zip(state, model.weights):
+        np.testing.assert_array_equal(weight.numpy(), before, err_msg=weight.path)
+    np.testing.assert_array_equal(model.seed_generator.state.numpy(), seed_state)
+
+    encode = lambda x: model.encoder(x, training=False).numpy().astype(np.float64)  # noqa: E731
+    z = np.concatenate([encode(held_out), encode(held_out[:, :, ::-1])])
+    positives = np.concatenate([z[batch_size:], z[:batch_size]])
+    # XLA's stateless Philox stream differs from TensorFlow's kernel: draw as the step did.
+    uniforms = tf.function(lambda held_out_index: model.evaluation_uniform(
+        held_out_index, [draws, 2, n, batch_size]), jit_compile=True)(
+            tf.constant(index, tf.int32)).numpy()
+    uniforms = np.transpose(uniforms, (0, 1, 3, 2)).reshape(draws, 2 * batch_size, n)
+    rows, _, _, _, weight, cumulative = official_gumbel_gradients(
+        z, positives, np.full(2 * batch_size, -1), model.cache_embeddings.numpy().astype(float),
+        np.arange(n), beta, -np.log(uniforms.astype(np.float64)), encode(images / 255))
+    value = surrogate_value(z, positives, encode(images / 255)[rows], weight, cumulative, beta)
+    assert evaluations[0]["loss"] == pytest.approx(value, abs=2e-5)
+    assert evaluations[0]["positive_weight"] == pytest.approx(weight.mean(), abs=1e-6)
+
 @pytest.mark.parametrize("argument, value, message", [
     ("cache_refresh", 1.5, "cache_refresh must be a number in \\[0, 1\\]"),
     ("cache_refresh", "x", "cache_refresh must be a number in \\[0, 1\\]"),
