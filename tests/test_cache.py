@@ -223,7 +223,8 @@ def _dense_encoder(shape, dim=4, seed=0):
                              keras.layers.Dense(dim), keras.layers.UnitNormalization()])
 
 
-def test_step_writes_the_batch_and_refreshes_the_stalest_rows():
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_step_writes_the_batch_and_refreshes_the_stalest_rows(chunk, monkeypatch):
     """After one training step: the batch's rows hold the embeddings of the step's
     weights (stamped with the step), the ⌊ρ·R⌋ = 4 stalest other rows hold the
     updated weights' embeddings (stamped step + 1), every other row is untouched,
@@ -231,8 +232,12 @@ def test_step_writes_the_batch_and_refreshes_the_stalest_rows():
 
     Catches: no greedy write, a refresh of the freshest or of random rows, a refresh
     with the weights before the update, rows refreshed twice or not stamped, a
-    staleness measured after the write-back or from the wrong rows.
+    staleness measured after the write-back or from the wrong rows; refreshing in
+    chunks of 3 (the 4 rows as 2 chunks, the last padded) changes nothing.
     """
+    from emc2_tf.models import cache
+
+    monkeypatch.setattr(cache, "REFRESH_CHUNK_SIZE", chunk)  # 3: two chunks, one padded
     n, rng = 16, np.random.default_rng(6)
     images = rng.random((n, 4, 4, 1)).astype(np.float32)
     model = CacheModel(_dense_encoder((4, 4, 1)), n, images=images, temperature=0.2,

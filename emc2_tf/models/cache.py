@@ -105,6 +105,12 @@ SOURCE_JIT_MESSAGE = (
 #: Rows per encoder call when `fill_cache` encodes the whole table.
 FILL_BATCH_SIZE = 256
 
+#: Most rows per encoder call when a step refreshes the cache (official
+#: `--compute_batch_size`): ⌊ρ·R⌋ can be thousands of images (ρ = 0.1 of
+#: CIFAR-10's 50,000·2 stored views: 10,000 per step), encoded in chunks so the
+#: refresh's activations stay those of one chunk.
+REFRESH_CHUNK_SIZE = 1024
+
 
 def gumbel_max_negatives(
     logits: tf.Tensor, allowed: tf.Tensor, uniforms: tf.Tensor
@@ -397,7 +403,20 @@ class CacheModel(ContrastiveModel):
         stalest = tf.math.top_k(-self.cache_written_step.value, k=chosen).indices
         mine = tf.gather(stalest, (tf.cast(replica, tf.int32) * per_replica
                                    + tf.range(per_replica)) % chosen)
-        embeddings = tf.stop_gradient(self._encode_rows(mine, training=False))
+        chunk = min(per_replica, REFRESH_CHUNK_SIZE)
+        chunks = -(-per_replica // chunk)
+        if chunks > 1:  # padded with repeats of its first rows: identical rewrites
+            mine = tf.reshape(tf.gather(mine, tf.range(chunks * chunk) % per_replica),
+                              [chunks, chunk])
+            embeddings = tf.map_fn(
+                lambda rows: self._encode_rows(rows, training=False), mine,
+                fn_output_signature=tf.TensorSpec([chunk, self.cache_embeddings.shape[-1]],
+                                                  tf.float32))
+            mine = tf.reshape(mine, [-1])
+            embeddings = tf.reshape(embeddings, [chunks * chunk, -1])
+        else:
+            embeddings = self._encode_rows(mine, training=False)
+        embeddings = tf.stop_gradient(embeddings)
         step = tf.fill(tf.shape(mine), tf.convert_to_tensor(self.cache_step.value) + 1)
         self.update_sample_state(
             mine, [(self.cache_embeddings, embeddings), (self.cache_written_step, step)])
