@@ -59,6 +59,9 @@ Deviations from the official code:
   does `fit` (`fill_cache`) when a row was never written, and a row never
   written (`train_step` called without `fit`) is excluded from the sampling
   and from Z until written;
+- Z_a: all K rows of the anchor's image leave it; the official's
+  `normalizing_sumexp[idx] -= exp(...)`, an indexed `-=` with repeated
+  indices, removes only one of an image's K rows (with K = 1, identical);
 - sampled negatives are each re-encoded (the official encodes each distinct
   requested row once; identical unless the encoder has batch statistics);
 - negatives drawn from the whole cache on every replica (the official's
