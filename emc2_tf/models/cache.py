@@ -49,7 +49,8 @@ Deviations from the official code:
   positive (the skeleton's two-view batch), with gradient through both;
 - without finite augmentations the official greedy write stores the raw
   image's embedding (it computes it for the positive); here the batch's raw
-  images are encoded for that write only, forward (`training=False`);
+  images are encoded for that write only, forward (`training=False`; the
+  official encodes them in training mode);
 - refresh order: the official keeps a shuffled staleness queue and refreshes
   its front ρ·R rows each step (a fixed cyclic order: batch writes do not move
   rows in it); here the ρ·R rows with the oldest write (greedy or refresh)
@@ -196,10 +197,20 @@ def _embedding_dim(encoder: keras.layers.Layer) -> int:
 class CacheModel(ContrastiveModel):
     """Contrastive pre-training with a cache of embeddings and Gumbel-max negatives.
 
-    The EMC² paper's embedding-cache baseline (module docstring: the estimator,
-    its equation and the deviations from the official code). Its finite run:
-    `temperature=0.2` (β = 5), `cache_refresh=0.1`, `cache_negatives=1`,
-    `finite_augmentations=2`, SGD at 1e-3.
+    The EMC² paper's embedding-cache baseline. Each step writes the batch's
+    embeddings into their cache rows, draws for each anchor a (image i) M rows
+    J_j of other images by Gumbel-max without replacement from
+    `softmax_r(β aᵀh_r)`, re-encodes them with gradient (n_j) and minimises
+
+        L̂ = mean_a [ −β (1 − π⁺_a) aᵀp + (β/M) Σ_j (1 − c_{a,j}) aᵀn_{a,j} ]
+
+    with `π⁺_a = exp(β aᵀa) / Z_a`, `Z_a = exp(β aᵀa) + Σ_{r ∉ i} exp(β aᵀh_r)`
+    and `c_{a,j} = π⁺_a + Σ_{l<j} exp(β aᵀh_{J_l}) / Z_a` (no gradient); then
+    re-encodes the ⌊ρ·R⌋ stalest rows. Memory: the cache's R·D float32 (R = N,
+    or N·K with finite augmentations: O(N·D) floats) and R int32. The module
+    docstring details the estimator and its deviations from the official code.
+    The paper's finite run: `temperature=0.2` (β = 5), `cache_refresh=0.1`,
+    `cache_negatives=1`, `finite_augmentations=2`, SGD at 1e-3.
 
     Example:
 
