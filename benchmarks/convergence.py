@@ -103,10 +103,16 @@ def load_runs(path: str) -> list[dict]:
 
 
 def append_run(path: str, run: dict) -> None:
-    """Appends one finished run as a JSON line, flushed to disk."""
+    """Appends one finished run as a JSON line, flushed to disk (on a line of its own
+    after a torn last line that a crash left)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torn = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
     with open(path, "a") as handle:
-        handle.write(json.dumps(run, sort_keys=True) + "\n")
+        handle.write(("\n" if torn else "") + json.dumps(run, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
