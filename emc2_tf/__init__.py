@@ -13,6 +13,7 @@ from emc2_tf.batch_selection import (
 from emc2_tf.data import (
     DEFAULT_FASHION_MNIST_DIR,
     ArraySource,
+    FiniteViews,
     AugmentConfig,
     ImageDataset,
     ImageFolderSource,
@@ -22,6 +23,7 @@ from emc2_tf.data import (
     SubsetSource,
     TFDSSource,
     from_arrays,
+    finite_views,
     from_sources,
     holdout_split,
     labelled_part,
@@ -69,10 +71,12 @@ from emc2_tf.checkpoint import (
 )
 from emc2_tf.run_lock import FolderInUseError, RunLock, lock_run_folder
 from emc2_tf.export import export_encoder
+from emc2_tf.gradient_monitor import GlobalObjective, GlobalObjectiveMonitor
 from emc2_tf.losses import (
     dcl_loss,
     dhel_loss,
     exact_global_contrastive_loss,
+    finite_global_loss,
     global_contrastive_loss,
     kcl_loss,
     nt_xent_loss,

@@ -294,5 +294,44 @@ def test_data_benchmark_reuses_its_folders_and_keeps_finished_probes(tmp_path):
     assert calls == ["a", "b", "b", "a"]
 
 
+def test_convergence_resumes_from_its_results_file_and_reports_its_runs(tmp_path):
+    """Catches: a rerun that trains again the runs its results file holds (the grid is
+    longer than a session), a torn last line (a crash mid-write) that breaks the
+    rerun, and a table that is not the mean of the runs' last-epoch
+    measurements; and a relative error that is not error / norm."""
+    args = ["-m", "benchmarks.convergence", "--datasets=digits", "--train_size=40",
+            "--batch_sizes=4", "--seeds=2", "--epochs=2", "--methods=simclr", "--points=4",
+            f"--results_dir={tmp_path}"]
+    first = run_python(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = tmp_path / "convergence.jsonl"
+    lines = results.read_text().splitlines()
+    assert len(lines) == 2
+    kept = json.loads(lines[0])
+    results.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # torn second run
+    second = run_python(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "2 runs planned, 1 already in" in second.stdout
+    runs = [json.loads(line) for line in results.read_text().splitlines()[1:] if line.startswith("{")
+            and line.endswith("}")]
+    assert json.loads(results.read_text().splitlines()[0]) == kept  # untouched
+    assert [run["seed"] for run in runs] == [1]
+    every = kept["every_n_steps"]
+    assert kept["steps"] == 20 and every == 5
+    assert [r["step"] for r in kept["records"]] == [0, 5, 10, 15]
+    for record in kept["records"]:
+        assert record["relative_error"] == pytest.approx(
+            record["gradient_error"] / record["gradient_norm"])
+    payload = json.loads((tmp_path / "convergence.json").read_text())
+    (row,) = payload["rows"]
+    finals = []
+    for run in (kept, runs[0]):
+        last = [r for r in run["records"] if r["step"] > 10]  # the second epoch's steps
+        finals.append(np.mean([r["gradient_norm"] for r in last]))
+    assert row["gradient_norm"][0] == pytest.approx(np.mean(finals))
+    assert row["gradient_norm"][1] == pytest.approx(np.std(finals))
+    assert (tmp_path / "convergence.png").stat().st_size > 10_000
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -108,15 +108,40 @@ def check_flag_combinations(program: str, run_flags) -> None:
             fail(program, f"--{flag}={value} has no effect with --{governing}="
                           f"{run_flags[governing].value}; it acts under --{governing}="
                           f"{'|'.join(acting)}: drop it, or pass one of those.")
+    check_finite_flags(program, run_flags)
     check_data_flags(program, run_flags)
 
 
-def method_arguments(run_flags, data) -> dict:
-    """The constructor options the run's method declares, filled from the flags and data."""
+def check_finite_flags(program: str, run_flags) -> None:
+    """`--finite_augmentations` is 0 or K ≥ 2; `--gradient_error_every` needs it."""
+    if run_flags.finite_augmentations not in (0,) and run_flags.finite_augmentations < 2:
+        fail(program, f"--finite_augmentations must be 0 (off) or an integer ≥ 2 (K stored "
+                      f"views per image); got {run_flags.finite_augmentations}.")
+    if run_flags.gradient_error_every < 0:
+        fail(program, f"--gradient_error_every must be ≥ 0 (0 = off); got "
+                      f"{run_flags.gradient_error_every}.")
+    if run_flags.gradient_error_every and not run_flags.finite_augmentations:
+        fail(program, "--gradient_error_every needs --finite_augmentations=K (K ≥ 2): the exact "
+                      "global loss and its gradient are computable over a finite set of views.")
+
+
+def method_arguments(run_flags, data, views=None) -> dict:
+    """The constructor options the run's method declares, filled from the flags and data.
+
+    With `--finite_augmentations=K` a method that takes `finite_augmentations`
+    gets K, and its image table (`images`) is the N·K stored views (`views`;
+    None when the caller only evaluates or exports: no table then).
+    """
     accepted = method_options(run_flags.method)
     arguments = {"seed": run_flags.seed}
+    finite = run_flags.finite_augmentations
+    if finite and "finite_augmentations" in accepted:
+        arguments["finite_augmentations"] = finite
     if "images" in accepted:
-        arguments["images"] = image_table(data.train_images)  # uint8 when exact
+        if not finite:
+            arguments["images"] = image_table(data.train_images)  # uint8 when exact
+        elif views is not None and "finite_augmentations" in accepted:
+            arguments["images"] = views.table
     for flag, (option, convert) in METHOD_FLAGS.items():
         value = convert(run_flags[flag].value) if option in accepted else None
         if value is not None:
@@ -283,9 +308,10 @@ class Run:
     encoder: Any
     encoder_name: str
     model: Any
+    views: Any = None  # the stored views of --finite_augmentations (train only)
 
 
-def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
+def build_run(program: str, run_flags, strategy=None, data=None, views=None) -> Run:
     """Builds the data set (with `--train_size`), encoder and compiled model
     (with the `--optimizer` and schedule) the flags describe.
 
@@ -309,13 +335,13 @@ def build_run(program: str, run_flags, strategy=None, data=None) -> Run:
         try:
             model = emc2_tf.build_model(
                 run_flags.method, encoder=encoder, dataset_size=data.num_train,
-                **method_arguments(run_flags, data),
+                **method_arguments(run_flags, data, views),
             )
         except ValueError as error:
             fail(program, str(error))
         model.compile(optimizer=run_optimizer(program, run_flags, data.num_train),
                       jit_compile=run_flags.jit_compile)
-    return Run(data=data, encoder=encoder, encoder_name=encoder_name, model=model)
+    return Run(data=data, encoder=encoder, encoder_name=encoder_name, model=model, views=views)
 
 
 def define_checkpoint_flags() -> None:

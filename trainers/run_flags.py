@@ -129,6 +129,15 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "GPU, ≤ 2^18 (B ≤ 40) on a CPU, else sequential (measured: "
                       "benchmarks/scan.py).",
                       **fv)
+    flags.DEFINE_integer("finite_augmentations", 0,
+                         "K ≥ 2: the EMC² paper's finite-augmentation setting: K views of every "
+                         "image drawn once (seeded) and stored as uint8, each step's two views "
+                         "two distinct stored ones; 0 = fresh augmentations every step.", **fv)
+    flags.DEFINE_integer("gradient_error_every", 0,
+                         "With --finite_augmentations: every n steps, log the global loss F over "
+                         "all N·K views, ‖∇F‖² and the step's gradient error ‖g − ∇F‖² "
+                         "(TensorBoard global/*, and the summary); one device only; 0 = off.",
+                         **fv)
     flags.DEFINE_float("gamma", 0.9,
                        "sogclr only: moving-average rate γ of u, in (0, 1] (paper 0.9).", **fv)
     flags.DEFINE_float("kcl_t", 2.0,

@@ -372,6 +372,29 @@ def training_callbacks(plan: RunPlan, data, encoder, temperature, augment, epoch
     return callbacks, batch_order
 
 
+def stored_views(data, augment, strategy):
+    """The K stored views of `--finite_augmentations` (drawn once with `--seed`), or None."""
+    import emc2_tf
+
+    if not FLAGS.finite_augmentations:
+        return None
+    if FLAGS.gradient_error_every and strategy.num_replicas_in_sync > 1:
+        fail(f"--gradient_error_every measures on one device; --strategy={FLAGS.strategy} "
+             f"runs {strategy.num_replicas_in_sync} replicas (use --strategy=default).")
+    return emc2_tf.finite_views(data.train_images, FLAGS.finite_augmentations, augment,
+                                seed=FLAGS.seed)
+
+
+def gradient_monitor(plan: RunPlan, views):
+    """`GlobalObjectiveMonitor` for `--gradient_error_every`, or None."""
+    import emc2_tf
+
+    if not FLAGS.gradient_error_every:
+        return None
+    log_dir = plan.tensorboard_dir if plan.tensorboard_dir and plan.chief else None
+    return emc2_tf.GlobalObjectiveMonitor(views, FLAGS.gradient_error_every, log_dir=log_dir)
+
+
 def open_checkpoint(plan: RunPlan, model, steps_per_epoch: int, batch_order, data):
     """`--overwrite`'s deletions, the run's `TrainingCheckpoint` (restored with
     `--resume`) and its flags.txt; returns `(checkpoint, resumed_from)`, both None
@@ -591,19 +614,24 @@ def run() -> dict:
     if plan.resume and plan.chief and plan.directory:
         check_same_data(plan.directory, data)
     claim_outputs(plan)
-    built = build_run(PROGRAM, FLAGS, strategy, data)
+    augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
+    views = stored_views(data, augment, strategy)
+    built = build_run(PROGRAM, FLAGS, strategy, data, views)
     encoder, model = built.encoder, built.model
     steps_per_epoch = data.num_train // FLAGS.batch_size
-    augment = emc2_tf.AugmentConfig.for_dataset(FLAGS.dataset)
     epoch_seconds = []
     callbacks, batch_order = training_callbacks(
         plan, data, encoder, model.temperature, augment, epoch_seconds)
+    monitor = gradient_monitor(plan, views)
+    if monitor is not None:
+        callbacks.append(monitor)
     checkpoint, resumed_from = open_checkpoint(plan, model, steps_per_epoch, batch_order, data)
 
     def make_dataset(start_epoch: int, start_step: int):
         return emc2_tf.make_two_view_dataset(
-            data.train_images, FLAGS.batch_size, augment, seed=FLAGS.seed,
-            batch_order=batch_order, start_epoch=start_epoch, start_step=start_step,
+            data.train_images if views is None else views, FLAGS.batch_size, augment,
+            seed=FLAGS.seed, batch_order=batch_order, start_epoch=start_epoch,
+            start_step=start_step,
         )
 
     monitor_global_loss = data.num_train <= 20000  # the exact loss is O(N²)
@@ -621,6 +649,10 @@ def run() -> dict:
         summary["initial_global_contrastive_loss"] = initial_global_loss
         summary["global_contrastive_loss"] = emc2_tf.exact_global_contrastive_loss(
             encoder, data.train_images, model.temperature)
+    if monitor is not None and monitor.records:
+        last = monitor.records[-1]
+        summary["global_objective"] = {name: last[name] for name in (
+            "step", "gradient_error", "gradient_norm", "global_loss")}
     summary["strategy"] = FLAGS.strategy
     summary["replicas"] = strategy.num_replicas_in_sync
     summary["state_digest"] = state_digest(model)

@@ -9,6 +9,7 @@ from emc2_tf.data.catalog import (
     load_image_folder,
     load_tfds_splits,
 )
+from emc2_tf.data.finite import FiniteViews, finite_views
 from emc2_tf.data.folder import IMAGE_EXTENSIONS, ImageFolderSource
 from emc2_tf.data.image_source import (
     ArraySource,

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
 from emc2_tf.data.batch import index_checks
+from emc2_tf.data.finite import FiniteViews, as_finite_views
 from emc2_tf.data.image_source import ImageSource, as_source
 from emc2_tf.data.order import EpochSchedule, RandomBatchOrder
 
@@ -53,6 +54,7 @@ def make_two_view_dataset(
     batch_order: Any = None,
     start_epoch: int = 0,
     start_step: int = 0,
+    finite_augmentations: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of `{'index', 'view1', 'view2'}` over an image source or array.
 
@@ -79,15 +81,24 @@ def make_two_view_dataset(
         start_epoch: the epoch the first iteration yields.
         start_step: > 0 makes the dataset the rest of epoch `start_epoch`
             from that step (resuming mid-epoch; see `EpochSchedule`).
+        finite_augmentations: K ≥ 2 for the paper's finite-augmentation
+            setting: K views of every image are drawn once (`augment`,
+            `seed`) and stored as uint8 (`emc2_tf.finite_views`), and each
+            step's two views are two distinct stored views of the image; the
+            batches then also carry `view_index` `[B, 2]` (which stored
+            views). `images` may also be a `FiniteViews` table itself (e.g.
+            one shared by several runs), then `augment` is not used.
 
     The returned dataset carries `epoch_schedule` (which epoch the next
-    iteration yields), `image_source` (whose `read_error` names a file that
+    iteration yields), `finite_views` (the stored views, or None),
+    `image_source` (whose `read_error` names a file that
     fails to read) and `worker_dataset` (`ContrastiveModel.fit` uses it under
     `MultiWorkerMirroredStrategy`). A transformed dataset (e.g. `.take(n)`)
     loses them: it still trains, but every worker then reads every image.
     """
-    source = as_source(images, "images")
-    num_images = source.num_images
+    views = as_finite_views(images, finite_augmentations, augment, int(seed))
+    source = as_source(images, "images") if views is None else views.source
+    num_images = source.num_images if views is None else views.num_images
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
         raise ValueError(f"batch_size must be an integer ≥ 2; got {batch_size!r}.")
     if batch_size > num_images:
@@ -102,10 +113,10 @@ def make_two_view_dataset(
             f"dataset was asked for batch_size={batch_size}; they must match."
         )
     schedule = EpochSchedule(batch_order, start_epoch, start_step)
-    augmenter = None if augment is None else SimCLRAugment(augment)
-    steps = _index_stream(schedule, int(seed))
-    dataset = steps.map(_views_of(source, augmenter), num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True)
+    augmenter = None if augment is None or views is not None else SimCLRAugment(augment)
+    steps = _index_stream(schedule, int(seed), views)
+    dataset = steps.map(_views_of(source, augmenter, views=views),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     # A dataset handed to MultiWorkerMirroredStrategy some other way than through
     # ContrastiveModel.fit (which uses `worker_dataset`): every worker builds the
@@ -117,34 +128,44 @@ def make_two_view_dataset(
     dataset = dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
     dataset.epoch_schedule = schedule  # ContrastiveModel.fit keeps it in step with Keras
     dataset.image_source = source
+    dataset.finite_views = views
     dataset.worker_dataset = functools.partial(
-        _worker_dataset, source, schedule, augmenter, int(seed))
+        _worker_dataset, source, schedule, augmenter, int(seed), views)
     return dataset
 
 
-def _index_stream(schedule: EpochSchedule, seed: int) -> tf.data.Dataset:
-    """`(index int64 [B], seeds int64 [4])` per step of the schedule's next iteration."""
+def _index_stream(schedule: EpochSchedule, seed: int,
+                  views: FiniteViews | None = None) -> tf.data.Dataset:
+    """`(index int64 [B], seeds int64 [4])` per step of the schedule's next
+    iteration; with finite views `(index, view_index int32 [B, 2])`."""
+    batch_size = schedule.order.batch_size
 
     def generate():
         for epoch, step, index in schedule.next_iteration():
-            yield index, step_seeds(seed, epoch, step)
+            if views is None:
+                yield index, step_seeds(seed, epoch, step)
+            else:
+                yield index, views.view_pairs(seed, epoch, step, batch_size)
 
+    second = (tf.TensorSpec([4], tf.int64) if views is None
+              else tf.TensorSpec([batch_size, 2], tf.int32))
     return tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(
-            tf.TensorSpec([schedule.order.batch_size], tf.int64),
-            tf.TensorSpec([4], tf.int64),
-        ),
+        generate, output_signature=(tf.TensorSpec([batch_size], tf.int64), second),
     ).apply(tf.data.experimental.assert_cardinality(schedule.steps_per_iteration))
 
 
-def _views_of(source: ImageSource, augmenter: SimCLRAugment | None, rows=None):
+def _views_of(source: ImageSource, augmenter: SimCLRAugment | None, rows=None,
+              views: FiniteViews | None = None):
     """The map function `(index [b], seeds [4]) -> {'index', 'view1', 'view2'}`:
     reads images `index`, converts them to float, augments them.
 
     `rows=(first, total)`: `index` is rows `first …` of a global batch of
-    `total`; the views are those rows of the whole batch's views.
+    `total`; the views are those rows of the whole batch's views. With
+    finite views the function takes `(index [b], view_index [b, 2])` and
+    reads the two stored views (table rows `index · K + view_index`).
     """
+    if views is not None:
+        return _stored_views_of(views)
 
     def to_views(index, seeds):
         batch = source.to_float(source.read(index))
@@ -154,6 +175,20 @@ def _views_of(source: ImageSource, augmenter: SimCLRAugment | None, rows=None):
             view1 = augmenter(batch, seed=seeds[:2], rows=rows)
             view2 = augmenter(batch, seed=seeds[2:], rows=rows)
         return {"index": tf.cast(index, tf.int32), "view1": view1, "view2": view2}
+
+    return to_views
+
+
+def _stored_views_of(views: FiniteViews):
+    """`(index [b], view_index [b, 2]) -> {'index', 'view1', 'view2', 'view_index'}`."""
+    source = views.source
+
+    def to_views(index, view_index):
+        rows = views.rows(index[:, None], tf.cast(view_index, index.dtype))
+        return {"index": tf.cast(index, tf.int32),
+                "view1": source.to_float(source.read(rows[:, 0])),
+                "view2": source.to_float(source.read(rows[:, 1])),
+                "view_index": tf.cast(view_index, tf.int32)}
 
     return to_views
 
@@ -176,6 +211,7 @@ def worker_share(global_batch: int, num_workers: int, worker: int) -> tuple[int,
 
 def _worker_dataset(source: ImageSource, schedule: EpochSchedule,
                     augmenter: SimCLRAugment | None, seed: int,
+                    views: FiniteViews | None,
                     input_context: tf.distribute.InputContext,
                     dataset_size: int | None = None) -> tf.data.Dataset:
     """This worker's pipeline for `strategy.distribute_datasets_from_function`:
@@ -194,14 +230,15 @@ def _worker_dataset(source: ImageSource, schedule: EpochSchedule,
         raise ValueError(f"The global batch size B={global_batch} is not divisible by the "
                          f"{replicas} replicas; use a multiple of {replicas}.")
     first, stop = worker_share(global_batch, workers, input_context.input_pipeline_id)
-    to_views = _views_of(source, augmenter, rows=(first, global_batch))
+    to_views = _views_of(source, augmenter, rows=(first, global_batch), views=views)
 
-    def own_rows(index, seeds):
+    def own_rows(index, seeds):  # finite views: `seeds` is the view_index [B, 2]
         checks = [] if dataset_size is None else index_checks(index, dataset_size)
         with tf.control_dependencies(checks):
-            return tf.identity(index[first:stop]), seeds
+            return tf.identity(index[first:stop]), (seeds if views is None
+                                                    else seeds[first:stop])
 
-    dataset = (_index_stream(schedule, seed).map(own_rows)
+    dataset = (_index_stream(schedule, seed, views).map(own_rows)
                .map(to_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
     per_replica = global_batch // replicas
     if stop - first != per_replica:  # several replicas on this worker: one batch each

@@ -5,6 +5,7 @@ from emc2_tf.losses.global_contrastive import (
     global_contrastive_loss,
 )
 from emc2_tf.losses.dcl import dcl_loss
+from emc2_tf.losses.finite_global import finite_global_loss
 from emc2_tf.losses.dhel import dhel_loss
 from emc2_tf.losses.kcl import gaussian_kernel, kcl_loss
 from emc2_tf.losses.nt_xent import nt_xent_loss

@@ -130,6 +130,7 @@ class ContrastiveModel(keras.Model):
         self.step_trackers = {
             name: keras.metrics.Mean(name=name) for name in self.step_metric_names
         }
+        self.gradient_record = None  # side copies of g_t while a monitor watches
         # Every weight exists from construction (the encoder is built, the
         # per-sample state is added by the subclass's __init__), so the model
         # is built: `load_weights` works on a fresh model.
@@ -311,6 +312,18 @@ class ContrastiveModel(keras.Model):
             return {}
         return {"view_index": view_index_of(data)}
 
+    def watch_gradients(self, on: bool) -> None:
+        """Starts (or stops) copying each step's gradient g_t into
+        `gradient_record.gradients` (`emc2_tf.GlobalObjectiveMonitor` reads
+        them). The copies are side effects only: training is bit-identical.
+        The step is traced again when this changes."""
+        if on == (self.gradient_record is not None):
+            return
+        from emc2_tf.gradient_monitor import GradientRecord
+
+        self.gradient_record = GradientRecord(self.trainable_variables) if on else None
+        self.train_function = None
+
     def _logs(self, loss: tf.Tensor, scalars: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Updates the loss and step trackers; returns the logs Keras reports."""
         self.loss_tracker.update_state(loss)
@@ -339,6 +352,8 @@ class ContrastiveModel(keras.Model):
             scaled_loss = self.optimizer.scale_loss(scaled_loss)
         trainable = self.trainable_variables
         gradients = tape.gradient(scaled_loss, trainable)
+        if self.gradient_record is not None:  # GlobalObjectiveMonitor's g_t
+            self.gradient_record.record(gradients)
         self.optimizer.apply(gradients, trainable)
         # Issue 13, finite or stop: the logged loss is NaN unless the loss, every
         # gradient and every updated weight are finite (one is_finite reduction per
