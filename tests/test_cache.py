@@ -487,6 +487,31 @@ def test_cli_trains_cache_with_its_flags(tmp_path):
     assert isinstance(model, CacheModel) and model.images is not None
     assert (model.cache_negatives, model.cache_refresh, model.temperature) == (2, 0.25, 0.2)
 
+def test_cli_trains_cache_over_finite_stored_views(tmp_path):
+    """`--method=cache --finite_augmentations=2 --gradient_error_every=4` (100 digits,
+    20 steps of B = 10): the trainer gives `CacheModel` K = 2 and the N·K = 200
+    stored views as its image table, trains (finite surrogate, both step scalars
+    logged) and measures the gradient error against the exact objective.
+
+    Catches: the trainer building a per-image cache (N rows) for batches carrying
+    `view_index` (refused in one line by CacheModel), or not passing K.
+    """
+    from helpers import parse_summary
+
+    result = run_python(["-m", "trainers.train", "--method=cache", "--dataset=digits",
+                         "--train_size=100", "--batch_size=10", "--epochs=2",
+                         "--finite_augmentations=2", "--gradient_error_every=4",
+                         "--optimizer=sgd", "--temperature=0.2", "--eval_every=0",
+                         "--export=false", "--tensorboard_dir=",
+                         f"--checkpoint_dir={tmp_path / 'ck'}"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = parse_summary(result.stdout)
+    assert summary["method"] == "cache" and summary["global_step"] == 20
+    assert np.isfinite(summary["final_loss"])
+    assert summary["global_objective"]["step"] == 16
+    assert 0 < summary["global_objective"]["gradient_error"] < np.inf
+    assert "cache_staleness:" in result.stdout and "positive_weight:" in result.stdout
+
 if __name__ == "__main__":
     import sys
 
