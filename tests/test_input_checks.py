@@ -157,6 +157,10 @@ METHOD_INDEPENDENT = {
     "resume_from": "resuming", "overwrite": "output", "tensorboard_dir": "output",
     "log_every_steps": "output", "projector": "output", "export_dir": "output",
     "export": "output",
+    # The pipeline's K stored views (and K for the methods that take it: cache, whose
+    # finite path tests/test_cache.py runs through the trainer); a monitor.
+    "finite_augmentations": "the pipeline's stored views",
+    "gradient_error_every": "a monitor (training bit-identical)",
 }
 #: A value other than the default for each non-boolean, non-enum audited flag.
 ALTERNATIVE = {"temperature": "0.5", "burn_in": "0", "gamma": "0.5", "kcl_t": "0.5",
