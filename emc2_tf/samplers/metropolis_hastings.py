@@ -185,7 +185,8 @@ def mh_scan(
             "out_of_batch_logits for chains still on an out-of-batch state."
         )
     log_score0 = tf.cast(initial_log_score, logits.dtype)
-    refresh_logits = (tf.zeros_like(log_score0) if out_of_batch_logits is None
+    # Only the refresh before pass 1 reads them (a one-pass scan has none).
+    refresh_logits = (tf.zeros_like(log_score0) if out_of_batch_logits is None or passes == 1
                       else tf.cast(tf.stop_gradient(out_of_batch_logits)[1], logits.dtype))
     in_xla = _in_xla_context()
     compile_now = _compile_scan(scan_compile, in_xla)
