@@ -63,12 +63,13 @@ class _FiniteFixture:
         self.view1, self.view2 = _views_of(self.table, self.index, self.view_index)
         # Chains (key = stored-view row): 1·K+0 on its copy 5·K+1 (sticky); 0·K+1 empty; 4·K+2 on 3·K+0 with an absurd stale score
         # (sticky without exact ratio); 2·K+0 on 0·K+2 (a view of a batch image that
-        # is not in the batch); 1·K+2 on 2·K+1, which is also a candidate this step.
+        # is not in the batch); 1·K+2 on 2·K+1, which is also a candidate this step;
+        # 4·K+1 on row 0 (view 0 of image 0: a state, not an empty chain).
         self.chain_index = np.full(N * K, -1, np.int32)
         self.chain_log_score = np.full(N * K, -np.inf, np.float32)
         for chain, state, score in ((1 * K + 0, 5 * K + 1, 1.0 / TAU), (4 * K + 2, 3 * K + 0, 1e3),
                                     (2 * K + 0, 0 * K + 2, -1.0), (1 * K + 2, 2 * K + 1, 0.5),
-                                    (0 * K + 0, 4 * K + 0, 0.0)):
+                                    (0 * K + 0, 4 * K + 0, 0.0), (4 * K + 1, 0, 2.0)):
             self.chain_index[chain], self.chain_log_score[chain] = state, score
         self.uniforms = rng.random((2, 2 * B, B)).astype(np.float32)
         # Chain 0 (anchor view 1 of image 1, on its copy) accepts only a score within
@@ -259,10 +260,10 @@ def test_exact_ratio_scores_the_stored_view_exactly(fixture, monkeypatch):
     stored = ref.dense_unit_encoder(fixture.params, pixels[np.maximum(old, 0)])
     want = np.where(old >= 0, beta * (anchors * stored).sum(1), -np.inf)
     np.testing.assert_allclose(seen["initial"], want, rtol=1e-5, atol=1e-5)
-    # Not vacuous: the absurd stale score 1e3 was replaced, an empty chain stayed empty,
-    # and the chain on stored view row 0 (0·K + 0 → 4·K + 0 here: a state, not row 0
-    # itself) has a finite score.
-    assert np.isfinite(want).sum() == 5 and np.isinf(want).sum() == 2 * B - 5
+    # Not vacuous: the absurd stale score 1e3 was replaced, empty chains stayed empty,
+    # and the chain on stored view row 0 (chain 4·K + 1) has a finite score.
+    assert np.isfinite(want).sum() == 6 and np.isinf(want).sum() == 2 * B - 6
+    assert np.isfinite(want[fixture.rows == 4 * K + 1]).all()
     assert 1e3 not in seen["initial"]
 
 
