@@ -45,7 +45,8 @@ def reference_scan(logits, valid, log_uniforms, initial_log_score, burn_in,
     """The two-pass in-batch MH scan, one chain and one candidate at a time.
 
     Args:
-        logits: `[2, b, 2B]` β S[anchor of pass p, candidate].
+        logits: `[2, b, 2B]` β S[anchor of pass p, candidate]; or `[1, A, 2B]`,
+            one pass per chain (the finite-augmentation layout).
         valid: bool `[b, 2B]`.
         log_uniforms: `[2, 2B, b]` log U per pass, step, chain.
         initial_log_score: `[b]` (−inf = empty chain).
@@ -55,14 +56,14 @@ def reference_scan(logits, valid, log_uniforms, initial_log_score, burn_in,
         out_of_batch_logits: `[2, b]` the stored state's β s per anchor.
     """
     logits = np.asarray(logits, np.float64)
-    _, b, k = logits.shape
-    shape = (2, b, k)
+    passes, b, k = logits.shape
+    shape = (passes, b, k)
     out = ReferenceScan(np.zeros(shape, int), np.zeros(shape, int), np.zeros(shape, bool),
                         np.zeros(shape), np.zeros(shape, bool), np.asarray(valid, bool),
                         np.zeros(b, int), np.zeros(b))
     for i in range(b):
         state, score = OUT_OF_BATCH, float(initial_log_score[i])
-        for p in range(2):
+        for p in range(passes):
             if p == 1 and refresh:
                 if state >= 0:
                     score = logits[1, i, state]

@@ -42,6 +42,53 @@ def _random_view_index(rng, b, k=K):
     return np.stack([first, second], axis=1).astype(np.int32)
 
 
+# ---- The one-pass scan (one chain per anchor view) ----------------------------------------
+
+
+@pytest.mark.parametrize("scan", ["sequential", "parallel", "blocked"])
+@pytest.mark.parametrize("burn_in", [0, 3])
+def test_one_pass_scan_equals_the_sequential_reference(scan, burn_in, monkeypatch):
+    """`mh_scan` on logits `[1, A, 2B]` (A = 2B chains, one pass each) = the
+    one-chain-at-a-time loop: states, states before each step, decisions,
+    probabilities, recorded steps, final state and score; a refresh between
+    passes is refused for one pass.
+
+    Catches: a one-pass chain starting from anything but its stored state
+    (e.g. the state after its first step as the state before it), a final state
+    read from a pass that does not exist, the refresh row read from a one-pass
+    `out_of_batch_logits` (`[1, A]` has no row 1).
+    """
+    from emc2_tf.samplers import candidate_mask, metropolis_hastings, mh_scan
+
+    monkeypatch.setattr(metropolis_hastings, "SCAN_BLOCK_SIZE", 5)
+    rng = np.random.default_rng(burn_in)
+    b = 6
+    index = np.array([0, 1, 2, 3, 2, 5], np.int32)  # image 2 twice
+    chains = np.concatenate([index, index])
+    logits = rng.normal(scale=3.0, size=(1, 2 * b, 2 * b)).astype(np.float32)
+    log_u = np.log(rng.random((1, 2 * b, 2 * b))).astype(np.float32)
+    initial = rng.normal(size=2 * b).astype(np.float32)
+    initial[[0, 7]] = -np.inf  # empty chains
+    initial[3] = 1e3  # a sticky one
+    valid = candidate_mask(tf.constant(chains), tf.constant(index))
+    got = mh_scan(tf.constant(logits), valid, tf.constant(log_u), tf.constant(initial), burn_in,
+                  out_of_batch_logits=tf.zeros([1, 2 * b]), scan=scan)
+    want = ref.reference_scan(logits, ref.valid_candidates(chains, index), log_u, initial,
+                              burn_in)
+    np.testing.assert_array_equal(got.valid.numpy(), want.valid)
+    for name in ("states", "previous_states", "accepted", "recorded"):
+        np.testing.assert_array_equal(getattr(got, name).numpy(), getattr(want, name),
+                                      err_msg=name)
+    np.testing.assert_allclose(got.accept_probability.numpy(), want.accept_probability,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got.final_state.numpy(), want.final_state)
+    np.testing.assert_allclose(got.final_log_score.numpy(), want.final_log_score, rtol=1e-6)
+    assert want.accepted[0, :, 0].any()  # some chain accepts at the first step
+    with pytest.raises(ValueError, match="needs two passes"):
+        mh_scan(tf.constant(logits), valid, tf.constant(log_u), tf.constant(initial), burn_in,
+                refresh_log_score_between_passes=True, out_of_batch_logits=tf.zeros([1, 2 * b]))
+
+
 # ---- One step against the float64 restatement of the official --finite_aug path ----------
 
 
@@ -145,7 +192,8 @@ OPTIONS = [
     dict(out_of_batch=mode, exact_ratio=exact, waste_recycling=recycle,
          scan=SCANS[(2 * exact + recycle + (mode == "drop")) % 3])
     for mode in ("reencode", "drop") for exact in (False, True) for recycle in (False, True)
-] + [dict(out_of_batch="reencode", exact_ratio=True, burn_in=1, scan="sequential")]
+] + [dict(out_of_batch="reencode", exact_ratio=True, burn_in=1, scan="sequential"),
+      dict(out_of_batch="reencode", burn_in=0, waste_recycling=True, scan="blocked")]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +216,9 @@ def test_finite_step_equals_the_float64_reference(fixture, options):
     draws mapped to the wrong chain, the anchor's own image not masked (or only
     its own view masked), the stored view re-encoded from the wrong row or
     without gradient, the exact-ratio score taken from the stale stored one, a
-    second pass run per chain, `acceptance_rate` over the wrong number of steps.
+    second pass run per chain, `acceptance_rate` over the wrong number of steps,
+    a one-pass scan whose chains start from anything but their stored state
+    (seen by waste recycling at burn-in 0).
     """
     model = fixture.model(**options)
     loss, scalars, gradients = fixture.model_step(model)
