@@ -24,7 +24,7 @@ import emc2_tf
 from emc2_tf.models import emc2 as emc2_module
 
 import emc2_reference as ref
-from helpers import frozen_encoder
+from helpers import frozen_encoder, run_python
 
 N, K, B, TAU = 6, 3, 4, 0.25
 
@@ -315,6 +315,36 @@ def test_exact_ratio_scores_the_stored_view_exactly(fixture, monkeypatch):
     assert np.isfinite(want).sum() == 6 and np.isinf(want).sum() == 2 * B - 6
     assert np.isfinite(want[fixture.rows == 4 * K + 1]).all()
     assert 1e3 not in seen["initial"]
+
+
+def test_two_replicas_write_the_same_view_rows_as_one_device(tmp_path):
+    """One finite step under MirroredStrategy (2 CPU replicas, each with its own
+    images, the same draws per anchor view) = the step on one device: the
+    written-back chains (view rows) identical, and identical on both replicas;
+    scores and loss to float rounding (`tests/finite_replicas_worker.py`).
+
+    Catches: the candidates' view rows built from this replica's `view_index`
+    only (not all-gathered, or gathered in another order than the indices), so
+    a chain writes back the row of another replica's view with the wrong view
+    number; replicas holding different chain tables.
+    """
+    out = tmp_path / "out.json"
+    result = run_python(["tests/finite_replicas_worker.py", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    data = json.loads(out.read_text())
+    one, two = data["one_device"], data["two_replicas"]
+    assert one["chain_index"] == two["chain_index"]
+    assert len(two["copies"]) == 2 and all(c == two["chain_index"] for c in two["copies"])
+    np.testing.assert_allclose(two["chain_log_score"], one["chain_log_score"], rtol=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    # Not vacuous: chains of replica 1's images moved onto view rows of replica 0's
+    # images and the other way round (index [3, 0 | 7, 5], K = 3).
+    moved = np.flatnonzero(np.array(one["chain_index"]) != np.array(data["initial_chain_index"]))
+    replica = lambda rows: np.isin(rows // 3, [7, 5]).astype(int)  # noqa: E731
+    crossings = set(zip(replica(moved), replica(np.array(one["chain_index"])[moved])))
+    assert {(0, 1), (1, 0)} <= crossings
 
 
 # ---- Stationary distribution over view rows (frozen encoder, no augmentation noise) -------
