@@ -224,7 +224,7 @@ def finite_emc2_step(params, table, num_views, index, view_index, chain_index, c
     are their view rows; a candidate of the anchor's own image is skipped.
     With `exact_ratio` the chain's current score is `β s(anchor, table row
     of its state)` with the current weights (the official
-    `init_similarity_scores`, dead code there: see the report), else the
+    `init_similarity_scores`, dead code there: docs/algorithms.md §2), else the
     stored score. Draws: chain `p·b + i` (view p + 1 of batch image i) uses
     `uniforms[p, c, i]` at candidate c.
 

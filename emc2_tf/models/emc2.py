@@ -326,7 +326,9 @@ class EMC2Model(ContrastiveModel):
             refused), from which `"reencode"` and `exact_ratio` re-encode a
             chain's stored view: with `exact_ratio` the current state's score
             is `β s(anchor, exact stored view)` under the current weights, so
-            each visit is an exact MH kernel for π_{i,k}. Held-out batches
+            every MH ratio is exact for π_{i,k} (the in-batch scan's bias from
+            correlated candidates, below, remains). The official code's
+            refresh never runs (docs/algorithms.md §2). Held-out batches
             (`evaluate`) need no `view_index`: their chains are fresh.
 
     State (non-trainable, saved with the weights and checkpoints):
