@@ -465,6 +465,34 @@ def test_fit_stores_view_rows_of_other_images_without_a_table():
     assert np.isfinite(model.chain_log_score.numpy()[visited]).all()
 
 
+def test_keras_file_keeps_the_view_chains(tmp_path):
+    """A finite model saved as `.keras` and loaded has K, its N·K chains (view rows
+    and scores) and no table: `fit` with `exact_ratio` asks for the stored-view
+    table, and trains once it is given.
+
+    Catches: K missing from the config (the loaded model would build N chains
+    and fail to load, or load them into the wrong layout), the table saved
+    with the model.
+    """
+    fixture = _FiniteFixture(seed=3)
+    model = fixture.model(exact_ratio=True, out_of_batch="drop")
+    del model.random_uniform  # real draws: the fixed ones are not a model attribute to save
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.fit(_finite_dataset(fixture.table, 4, B, seed=1), epochs=1, verbose=0)
+    path = str(tmp_path / "finite.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.finite_augmentations == K and loaded.images is None
+    np.testing.assert_array_equal(loaded.chain_index.numpy(), model.chain_index.numpy())
+    np.testing.assert_array_equal(loaded.chain_log_score.numpy(), model.chain_log_score.numpy())
+    assert (loaded.chain_index.numpy() >= N).any()  # view rows, not image indices
+    with pytest.raises(ValueError, match="stored-view table"):
+        loaded.fit(_finite_dataset(fixture.table, 2, B, seed=2), epochs=1, verbose=0)
+    loaded.set_image_table(fixture.table)
+    history = loaded.fit(_finite_dataset(fixture.table, 2, B, seed=2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
 def test_the_table_must_hold_n_times_k_stored_views(fixture):
     """With `finite_augmentations=K` the table holds N·K stored views: one of the N
     un-augmented images is refused in one line naming both numbers (constructor
