@@ -45,7 +45,8 @@ def reference_scan(logits, valid, log_uniforms, initial_log_score, burn_in,
     """The two-pass in-batch MH scan, one chain and one candidate at a time.
 
     Args:
-        logits: `[2, b, 2B]` β S[anchor of pass p, candidate].
+        logits: `[2, b, 2B]` β S[anchor of pass p, candidate]; or `[1, A, 2B]`,
+            one pass per chain (the finite-augmentation layout).
         valid: bool `[b, 2B]`.
         log_uniforms: `[2, 2B, b]` log U per pass, step, chain.
         initial_log_score: `[b]` (−inf = empty chain).
@@ -55,14 +56,14 @@ def reference_scan(logits, valid, log_uniforms, initial_log_score, burn_in,
         out_of_batch_logits: `[2, b]` the stored state's β s per anchor.
     """
     logits = np.asarray(logits, np.float64)
-    _, b, k = logits.shape
-    shape = (2, b, k)
+    passes, b, k = logits.shape
+    shape = (passes, b, k)
     out = ReferenceScan(np.zeros(shape, int), np.zeros(shape, int), np.zeros(shape, bool),
                         np.zeros(shape), np.zeros(shape, bool), np.asarray(valid, bool),
                         np.zeros(b, int), np.zeros(b))
     for i in range(b):
         state, score = OUT_OF_BATCH, float(initial_log_score[i])
-        for p in range(2):
+        for p in range(passes):
             if p == 1 and refresh:
                 if state >= 0:
                     score = logits[1, i, state]
@@ -85,16 +86,17 @@ def reference_scan(logits, valid, log_uniforms, initial_log_score, burn_in,
 
 def negative_term(logits, out_of_batch_logits, scan: ReferenceScan, has_state,
                   out_of_batch="reencode", waste_recycling=False) -> np.ndarray:
-    """`[2, b]`: each anchor's weighted mean of β s over its recorded steps.
+    """`[P, b]`: each anchor's weighted mean of β s over its recorded steps
+    (P = 2 passes, or 1 for the one-pass finite-augmentation layout).
 
     A step on the chain's stored out-of-batch negative adds its re-encoded
     score ("reencode", chains with a stored state only) or nothing while
     still counting ("drop"). Waste recycling replaces f(state after step k)
     by α_k f(candidate k) + (1 − α_k) f(state before step k).
     """
-    _, b, k = scan.states.shape
-    result = np.zeros((2, b))
-    for p in range(2):
+    passes, b, k = scan.states.shape
+    result = np.zeros((passes, b))
+    for p in range(passes):
         for i in range(b):
             total = count = 0.0
             for c in range(k):
@@ -206,3 +208,73 @@ def official_main_mcmc_loss(views, index, chain_index, chain_log_score, uniforms
         coefficients[i, b + i] -= beta / b
     loss = float((coefficients * similarity).sum())
     return loss, coefficients
+
+
+def finite_emc2_step(params, table, num_views, index, view_index, chain_index, chain_log_score,
+                     uniforms, temperature, burn_in=None, exact_ratio=False,
+                     out_of_batch="reencode", waste_recycling=False, scan=None) -> ReferenceStep:
+    """One EMC² step with finite augmentations, float64, one chain at a time.
+
+    Restates the official `--finite_aug` path (amazon-science/contrastive_emc2,
+    `sampler.py`: `finite_state_mh_step`, `negative_sample_img_finite_aug`;
+    `main_mcmc.py`) as the paper's theory intends it: one chain per stored
+    view (image i, view k), key row `i·K + k` of the N·K `table`; each of the
+    2B anchor views of the batch (view 1 block, then view 2 block) advances
+    its own chain by ONE pass over the 2B candidate views, whose identities
+    are their view rows; a candidate of the anchor's own image is skipped.
+    With `exact_ratio` the chain's current score is `β s(anchor, table row
+    of its state)` with the current weights (the official
+    `init_similarity_scores`, dead code there: docs/algorithms.md §2), else the
+    stored score. Draws: chain `p·b + i` (view p + 1 of batch image i) uses
+    `uniforms[p, c, i]` at candidate c.
+
+    Returns the step's loss (positive term `−β s(view 1, view 2)` averaged
+    over the b images, negative term averaged over the 2b anchors) and a
+    one-pass `ReferenceScan` `[1, 2b, 2b]`.
+    """
+    beta = 1.0 / temperature
+    b = len(index)
+    rows = np.concatenate([index * num_views + view_index[:, 0],
+                           index * num_views + view_index[:, 1]])
+    images = np.concatenate([index, index])
+    pixels = np.asarray(table, np.float64) / 255.0
+    z = dense_unit_encoder(params, pixels[rows])  # the 2b anchor = candidate views
+    logits = beta * z @ z.T  # [2b anchors, 2b candidates]
+    old = chain_index[rows]
+    has_state = old >= 0
+    z_old = dense_unit_encoder(params, pixels[np.maximum(old, 0)])
+    out_of_batch_logits = beta * (z * z_old).sum(1)  # [2b]
+    burn_in = b - 1 if burn_in is None else burn_in
+    if scan is None:
+        chains = 2 * b
+        shape = (1, chains, 2 * b)
+        scan = ReferenceScan(np.zeros(shape, int), np.zeros(shape, int), np.zeros(shape, bool),
+                             np.zeros(shape), np.zeros(shape, bool),
+                             np.zeros((chains, 2 * b), bool), np.zeros(chains, int),
+                             np.zeros(chains))
+        for a in range(chains):
+            p, i = divmod(a, b)
+            state = OUT_OF_BATCH
+            if not has_state[a]:
+                score = -np.inf
+            elif exact_ratio:
+                score = out_of_batch_logits[a]
+            else:
+                score = float(chain_log_score[rows[a]])
+            valid_steps = 0
+            for c in range(2 * b):
+                scan.previous_states[0, a, c] = state
+                if images[c] != images[a]:
+                    scan.valid[a, c] = True
+                    valid_steps += 1
+                    scan.accept_probability[0, a, c] = min(1.0, np.exp(logits[a, c] - score))
+                    if np.log(uniforms[p, c, i]) < logits[a, c] - score:
+                        scan.accepted[0, a, c] = True
+                        state, score = c, logits[a, c]
+                    scan.recorded[0, a, c] = valid_steps > burn_in
+                scan.states[0, a, c] = state
+            scan.final_state[a], scan.final_log_score[a] = state, score
+    negative = negative_term(logits[None], out_of_batch_logits[None], scan, has_state,
+                             out_of_batch, waste_recycling)
+    loss = negative.mean() - beta * (z[:b] * z[b:]).sum(1).mean()
+    return ReferenceStep(loss, scan)

@@ -21,6 +21,13 @@
    as a folder of files);
 6. `chain_index` / `chain_log_score` are written back for the batch only.
 
+With finite augmentations (`finite_augmentations=K`: K stored views per image,
+a table of N·K views, row = image·K + k, batches carrying `view_index`) the
+chains move over stored views, as in the official `--finite_aug` path: one
+chain per stored view, each of the 2B anchor views advancing its own chain by
+one pass over the 2B candidates (identities: view rows), the anchor's own image
+excluded; re-encoding and the exact-ratio score read the stored view row.
+
 Under a distribution strategy each replica runs the chains of its own b
 images, over the candidates of the global batch (all replicas' 2B views,
 all-gathered with gradient), with its own random stream (replica id folded
@@ -42,7 +49,7 @@ import tensorflow as tf
 from emc2_tf.checks import check_images
 from emc2_tf.data.batch import as_float_images
 from emc2_tf.data.image_source import ImageSource
-from emc2_tf.models.contrastive_model import ContrastiveModel
+from emc2_tf.models.contrastive_model import ContrastiveModel, all_gather
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
     SCAN_IMPLEMENTATIONS,
@@ -91,6 +98,21 @@ MISSING_IMAGES_MESSAGE = (
 )
 
 
+MISSING_VIEW_TABLE_MESSAGE = (
+    "EMC2Model(finite_augmentations={k}) needs `images` for out_of_batch='reencode' or "
+    "exact_ratio=True: the stored-view table [N·K, H, W, C] = [{rows}, H, W, C] (row = "
+    "image·K + k, the views the batches are cut from), so a chain's stored view can be "
+    "re-encoded with the current weights. Pass images= to the constructor or call "
+    "model.set_image_table(table); out_of_batch='drop' without exact_ratio needs no table."
+)
+
+#: A finite-augmentation batch without the numbers of its stored views.
+MISSING_VIEW_INDEX_MESSAGE = (
+    "EMC2Model(finite_augmentations={k}) trains on batches that carry 'view_index' [B, 2] "
+    "(the stored views of each image: make_two_view_dataset(..., finite_augmentations={k})); "
+    "this batch has none, so its chains' view rows are unknown."
+)
+
 #: Why an XLA-compiled step cannot re-encode from an `ImageSource`.
 SOURCE_JIT_MESSAGE = (
     "EMC2Model: jit_compile=True cannot re-encode stored negatives from the image source "
@@ -101,17 +123,38 @@ SOURCE_JIT_MESSAGE = (
 )
 
 
-def _check_image_table(images: Any, dataset_size: int,
-                       max_bytes: int) -> tf.Tensor | ImageSource | None:
+def _table_size_message(what: str, rows: int, dataset_size: int,
+                        finite_augmentations: int | None) -> str | None:
+    """The one-line refusal of a table of `rows` rows, or None when the size fits."""
+    if finite_augmentations is None:
+        if rows == dataset_size:
+            return None
+        return (f"{what} holds {rows} images but dataset_size={dataset_size}; they must "
+                "match (one image per sample index).")
+    expected = dataset_size * finite_augmentations
+    if rows == expected:
+        return None
+    return (f"{what} holds {rows} rows but finite_augmentations={finite_augmentations} needs "
+            f"the stored-view table of dataset_size·K = {dataset_size}·{finite_augmentations} "
+            f"= {expected} rows (row = image·K + k), not the {dataset_size} un-augmented "
+            "images: the chains' states are stored views.")
+
+
+def _check_image_table(images: Any, dataset_size: int, max_bytes: int,
+                       finite_augmentations: int | None = None
+                       ) -> tf.Tensor | ImageSource | None:
     """The table as stored, in host memory: uint8 stays uint8 (0..255), float → float32;
-    an `ImageSource` is kept as it is (read by index, no limit: nothing is held)."""
+    an `ImageSource` is kept as it is (read by index, no limit: nothing is held).
+
+    N rows (one un-augmented image per sample index), or with
+    `finite_augmentations=K` the N·K stored views (row = image·K + k)."""
     if images is None:
         return None
     if isinstance(images, ImageSource):
-        if images.num_images != dataset_size:
-            raise ValueError(
-                f"images (the source {images.name!r}) holds {images.num_images} images but "
-                f"dataset_size={dataset_size}; they must match (one image per sample index).")
+        message = _table_size_message(f"images (the source {images.name!r})",
+                                      images.num_images, dataset_size, finite_augmentations)
+        if message:
+            raise ValueError(message)
         return images
     dtype = tf.as_dtype(images.dtype)
     if not (dtype.is_floating or dtype == tf.uint8):
@@ -124,11 +167,9 @@ def _check_image_table(images: Any, dataset_size: int,
         raise ValueError(
             f"images must have rank 4 [N, height, width, channels]; got shape {shape}."
         )
-    if shape[0] != dataset_size:
-        raise ValueError(
-            f"images holds {shape[0]} images but dataset_size={dataset_size}; "
-            "they must match (one image per sample index)."
-        )
+    message = _table_size_message("images", shape[0], dataset_size, finite_augmentations)
+    if message:
+        raise ValueError(message)
     stored = tf.uint8 if dtype == tf.uint8 else tf.float32
     # NaN/inf (issue 13) or float pixels outside [0, 1] (issue 19: 0..255 floats)
     # would re-encode negatives unlike the views they compete with.
@@ -268,10 +309,34 @@ class EMC2Model(ContrastiveModel):
         seed: seed of the MH uniforms.
         max_image_table_bytes: refuse an in-memory image table larger than
             this (a source has no limit: it holds no images).
+        finite_augmentations: None (fresh augmentations every step), or K ≥ 2:
+            each image has K stored views, rows `image·K + k` of a table of
+            N·K views, and every training batch carries `view_index` `[B, 2]`
+            (`make_two_view_dataset(..., finite_augmentations=K)`). The chains
+            then move over stored VIEWS, as in the official `--finite_aug`
+            path (sampler.py `negative_sample_img_finite_aug`): one chain per
+            stored view (i, k), with the fixed target
+
+                π_{i,k}(r) ∝ exp(β s(z_{i,k}, z_r)),  r a view row of another image,
+
+            each of the 2B anchor views of a batch advancing its own chain by
+            one pass over the 2B candidates (candidate c's identity is its
+            view row; the anchor's own image, all its K views, is never
+            proposed). `images` is then the N·K stored-view table (N rows are
+            refused), from which `"reencode"` and `exact_ratio` re-encode a
+            chain's stored view: with `exact_ratio` the current state's score
+            is `β s(anchor, exact stored view)` under the current weights, so
+            every MH ratio is exact for π_{i,k} (the in-batch scan's bias from
+            correlated candidates, below, remains). The official code's
+            refresh never runs (docs/algorithms.md §2). Held-out batches
+            (`evaluate`) need no `view_index`: their chains are fresh.
 
     State (non-trainable, saved with the weights and checkpoints):
-        chain_index: int32 `[N]`, each chain's current negative, −1 = empty.
-        chain_log_score: float32 `[N]`, `β s` of that negative when accepted.
+        chain_index: int32 `[N]`, each chain's current negative, −1 = empty
+            (with `finite_augmentations=K`: `[N·K]`, chain `image·K + k`,
+            each state a view row in `[0, N·K)`).
+        chain_log_score: float32 `[N]` (`[N·K]`), `β s` of that negative when
+            accepted.
 
     Logged per step: `loss` (surrogate), `acceptance_rate` (accepted / valid
     proposals), `out_of_batch_fraction` (chains ending the step on a negative
@@ -290,6 +355,10 @@ class EMC2Model(ContrastiveModel):
 
     step_metric_names = ("acceptance_rate", "out_of_batch_fraction")
 
+    #: A finite-augmentation batch's `view_index` addresses the chains (used
+    #: only with `finite_augmentations`; ignored otherwise).
+    uses_view_index = True
+
     def __init__(
         self,
         encoder: keras.Model,
@@ -304,9 +373,20 @@ class EMC2Model(ContrastiveModel):
         scan_compile: str = "auto",
         seed: int | None = None,
         max_image_table_bytes: int = DEFAULT_MAX_IMAGE_TABLE_BYTES,
+        finite_augmentations: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
+        if finite_augmentations is not None and (
+            isinstance(finite_augmentations, bool)
+            or not isinstance(finite_augmentations, (int, np.integer))
+            or finite_augmentations < 2
+        ):
+            raise ValueError(
+                "finite_augmentations must be None (fresh augmentations every step) or an "
+                f"integer ≥ 2 (K stored views per image); got {finite_augmentations!r}.")
+        self.finite_augmentations = (None if finite_augmentations is None
+                                     else int(finite_augmentations))
         if burn_in is not None and (
             isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0
         ):
@@ -331,7 +411,7 @@ class EMC2Model(ContrastiveModel):
         self._image_table = _ImageTable(None)
         self.set_image_table(images)
         self.chain_index = self.add_weight(
-            shape=(self.dataset_size,),
+            shape=(self.num_chains,),
             dtype="int32",
             initializer=keras.initializers.Constant(OUT_OF_BATCH),
             trainable=False,
@@ -339,13 +419,18 @@ class EMC2Model(ContrastiveModel):
             name="chain_index",
         )
         self.chain_log_score = self.add_weight(
-            shape=(self.dataset_size,),
+            shape=(self.num_chains,),
             dtype="float32",
             initializer=keras.initializers.Constant(-np.inf),
             trainable=False,
             aggregation="only_first_replica",
             name="chain_log_score",
         )
+
+    @property
+    def num_chains(self) -> int:
+        """N chains, one per image; N·K with finite augmentations, one per stored view."""
+        return self.dataset_size * (self.finite_augmentations or 1)
 
     @property
     def images(self) -> tf.Tensor | ImageSource | None:
@@ -373,14 +458,16 @@ class EMC2Model(ContrastiveModel):
         return self.out_of_batch == "reencode" or self.exact_ratio
 
     def set_image_table(self, images: Any) -> None:
-        """Sets (or clears, with None) the un-augmented image table `[N, H, W, C]`.
+        """Sets (or clears, with None) the un-augmented image table `[N, H, W, C]`
+        (with `finite_augmentations=K`: the stored-view table `[N·K, H, W, C]`,
+        row = image·K + k; a table of N rows is then refused).
 
         A model restored with `keras.models.load_model` has its chains but not
         the data set: give it the table before `fit`. `images` may be an
         `ImageSource` (nothing is held; see the constructor).
         """
         self._image_table.images = _check_image_table(
-            images, self.dataset_size, self.max_image_table_bytes)
+            images, self.dataset_size, self.max_image_table_bytes, self.finite_augmentations)
 
     def get_config(self):
         """The constructor arguments except `images` (data, not model state)."""
@@ -388,42 +475,70 @@ class EMC2Model(ContrastiveModel):
                 "exact_ratio": self.exact_ratio, "out_of_batch": self.out_of_batch,
                 "waste_recycling": self.waste_recycling, "scan": self.scan,
                 "scan_compile": self.scan_compile,
-                "max_image_table_bytes": self.max_image_table_bytes}
+                "max_image_table_bytes": self.max_image_table_bytes,
+                "finite_augmentations": self.finite_augmentations}
 
     def fit(self, *args, **kwargs):
         """`ContrastiveModel.fit`, after checking the image table is there if needed
         (and, for a source table, that the step is not compiled with XLA)."""
         if self.needs_image_table and self.images is None:
+            if self.finite_augmentations is not None:
+                raise ValueError(MISSING_VIEW_TABLE_MESSAGE.format(
+                    k=self.finite_augmentations, rows=self.num_chains))
             raise ValueError(MISSING_IMAGES_MESSAGE)
         self._check_jit_for_source()
         return super().fit(*args, **kwargs)
 
-    def contrastive_loss(self, index, embeddings, training=True):
+    def contrastive_loss(self, index, embeddings, training=True, view_index=None):
         beta = tf.convert_to_tensor(self.inverse_temperature, dtype=embeddings.dtype)
-        batch_size = tf.shape(index)[0]  # this replica's b images (the chains)
+        batch_size = tf.shape(index)[0]  # this replica's b images
         view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
         # The candidates are the global batch's 2B views (all replicas').
         all_index, candidates = self.global_batch(index, embeddings)
         global_batch_size = tf.shape(all_index)[0]
-
         logits = beta * tf.matmul(embeddings, candidates, transpose_b=True)  # [2b, 2B]
-        anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, b, 2B]
+
+        finite = self.finite_augmentations is not None
+        if finite:
+            # One chain per stored view: each of the 2b anchor views runs its own
+            # chain (key: its view row) for one pass; states are view rows.
+            if view_index is None and training:
+                raise ValueError(MISSING_VIEW_INDEX_MESSAGE.format(k=self.finite_augmentations))
+            passes = 1
+            anchor_logits = logits[None]  # [1, 2b, 2B]
+            anchors = embeddings[None]  # [1, 2b, D]
+            valid = candidate_mask(tf.concat([index, index], axis=0), all_index)  # [2b, 2B]
+            if training:
+                chain_keys = self._view_rows(index, view_index)  # [2b]
+                candidate_ids = self._view_rows(all_index, self._global_view_index(view_index))
+            else:
+                chain_keys = tf.concat([index, index], axis=0)  # only its shape is used
+        else:
+            # One chain per image: view 1 anchors pass 0, view 2 continues it in pass 1.
+            passes = 2
+            anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, b, 2B]
+            anchors = tf.stack([view1, view2])  # [2, b, D]
+            valid = candidate_mask(index, all_index)  # [b, 2B]
+            chain_keys = index
+            candidate_ids = tf.concat([all_index, all_index], axis=0)  # [2B]
+        num_chains = tf.shape(chain_keys)[0]
 
         if training:
-            old_index = tf.gather(self.chain_index.value, index)
-            old_log_score = tf.gather(self.chain_log_score.value, index)
-            out_of_batch_logits = self._out_of_batch_logits(
-                view1, view2, old_index, beta, training)
+            old_index = tf.gather(self.chain_index.value, chain_keys)
+            old_log_score = tf.gather(self.chain_log_score.value, chain_keys)
+            out_of_batch_logits = self._out_of_batch_logits(anchors, old_index, beta, training)
         else:  # held-out images: fresh, empty chains, nothing re-encoded or stored
-            old_index = tf.fill(tf.shape(index), tf.constant(OUT_OF_BATCH, index.dtype))
-            old_log_score = tf.fill(tf.shape(index), tf.constant(-np.inf, embeddings.dtype))
+            old_index = tf.fill(tf.shape(chain_keys), tf.constant(OUT_OF_BATCH, index.dtype))
+            old_log_score = tf.fill(tf.shape(chain_keys),
+                                    tf.constant(-np.inf, embeddings.dtype))
             # Empty chains never read these; the exact-ratio refresh wants a tensor.
-            out_of_batch_logits = (tf.zeros([2, batch_size], embeddings.dtype)
+            out_of_batch_logits = (tf.zeros([passes, num_chains], embeddings.dtype)
                                    if self.exact_ratio else None)
         has_state = old_index >= 0
 
         minus_inf = tf.fill(tf.shape(old_log_score), tf.constant(-np.inf, old_log_score.dtype))
         if self.exact_ratio:
+            # β s(first anchor, the stored state re-encoded now): exact.
             current = tf.stop_gradient(out_of_batch_logits[0])
         else:
             current = old_log_score
@@ -431,15 +546,18 @@ class EMC2Model(ContrastiveModel):
 
         burn_in = default_burn_in(global_batch_size) if self.burn_in is None else self.burn_in
         draw_shape = [2, 2 * global_batch_size, batch_size]
-        log_uniforms = tf.math.log(self.random_uniform(draw_shape) if training
-                                   else self.evaluation_uniform(all_index, draw_shape))
+        uniforms = (self.random_uniform(draw_shape) if training
+                    else self.evaluation_uniform(all_index, draw_shape))
+        if finite:  # draw [p, c, i] → chain p·b + i (anchor view p + 1 of image i), step c
+            uniforms = tf.reshape(tf.transpose(uniforms, [1, 0, 2]),
+                                  [1, 2 * global_batch_size, 2 * batch_size])
         scan = mh_scan(
             anchor_logits,
-            candidate_mask(index, all_index),
-            log_uniforms,
+            valid,
+            tf.math.log(uniforms),
             initial_log_score,
             burn_in,
-            refresh_log_score_between_passes=self.exact_ratio,
+            refresh_log_score_between_passes=self.exact_ratio and not finite,
             out_of_batch_logits=(
                 None if out_of_batch_logits is None else tf.stop_gradient(out_of_batch_logits)
             ),
@@ -455,15 +573,14 @@ class EMC2Model(ContrastiveModel):
         # Step 7: write back the batch's chains (not for held-out data).
         final_state = scan.final_state
         if training:
-            candidate_index = tf.concat([all_index, all_index], axis=0)
             new_index = tf.where(
-                final_state >= 0, tf.gather(candidate_index, tf.maximum(final_state, 0)),
+                final_state >= 0, tf.gather(candidate_ids, tf.maximum(final_state, 0)),
                 old_index)
             self.update_sample_state(
-                index, [(self.chain_index, new_index), (self.chain_log_score, scan.final_log_score)]
-            )
+                chain_keys,
+                [(self.chain_index, new_index), (self.chain_log_score, scan.final_log_score)])
 
-        valid_steps = 2.0 * tf.reduce_sum(tf.cast(scan.valid, tf.float32))
+        valid_steps = float(passes) * tf.reduce_sum(tf.cast(scan.valid, tf.float32))
         acceptance_rate = tf.math.divide_no_nan(
             tf.reduce_sum(tf.cast(scan.accepted, tf.float32)), valid_steps
         )
@@ -473,9 +590,32 @@ class EMC2Model(ContrastiveModel):
             "out_of_batch_fraction": out_of_batch_fraction,
         }
 
-    def _out_of_batch_logits(self, view1, view2, old_index, beta, training):
-        """`β s(anchor_p, z_state)` `[2, b]` of each chain's stored negative, re-encoded now.
+    def _view_rows(self, index: tf.Tensor, view_index: tf.Tensor) -> tf.Tensor:
+        """`[2b]` stored-view rows `index·K + view_index[:, 0]` (the view-1 block),
+        then `index·K + view_index[:, 1]` (the view-2 block)."""
+        view_index = tf.cast(view_index, index.dtype)
+        k = tf.constant(self.finite_augmentations, index.dtype)
+        tf.debugging.assert_less(
+            view_index, k, message=f"emc2_tf: view_index must lie in [0, "
+            f"finite_augmentations={self.finite_augmentations})")
+        tf.debugging.assert_non_negative(
+            view_index, message="emc2_tf: view_index must be ≥ 0")
+        return tf.concat([index * k + view_index[:, 0], index * k + view_index[:, 1]], axis=0)
 
+    def _global_view_index(self, view_index: tf.Tensor) -> tf.Tensor:
+        """`view_index` of the global batch (every replica's, in replica order, like
+        `global_batch`'s index)."""
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return view_index
+        return all_gather(context, view_index)
+
+    def _out_of_batch_logits(self, anchors, old_index, beta, training):
+        """`β s(anchor_p, z_state)` `[P, c]` of each chain's stored negative, re-encoded now.
+
+        `anchors` `[P, c, D]`: the anchor of each pass and chain (`[2, b, D]`,
+        view 1 then view 2 of each image; `[1, 2b, D]` with finite
+        augmentations, each anchor view its own chain, its state a view row).
         With gradient for `out_of_batch="reencode"` (the estimator uses it);
         forward-only for `"drop"` with `exact_ratio` (it only feeds the MH
         test); None for `"drop"` without `exact_ratio` (nothing needs it).
@@ -483,18 +623,14 @@ class EMC2Model(ContrastiveModel):
         if self.out_of_batch == "drop" and not self.exact_ratio:
             return None
         old_images = gather_images(self.images, tf.maximum(old_index, 0))
-        old_embeddings = tf.cast(self.encoder(old_images, training=training), view1.dtype)
+        old_embeddings = tf.cast(self.encoder(old_images, training=training), anchors.dtype)
         if self.out_of_batch == "drop":
             old_embeddings = tf.stop_gradient(old_embeddings)
-        return beta * tf.stack(
-            [
-                tf.reduce_sum(view1 * old_embeddings, axis=-1),
-                tf.reduce_sum(view2 * old_embeddings, axis=-1),
-            ]
-        )
+        return beta * tf.reduce_sum(anchors * old_embeddings[None], axis=-1)
 
     def _negative_term(self, anchor_logits, out_of_batch_logits, scan, has_state):
-        """`[2, b]` negative term of each anchor (algorithms.md §2, step 5).
+        """`[P, c]` negative term of each anchor (algorithms.md §2, step 5): `[2, b]`,
+        or `[1, 2b]` with finite augmentations (one chain per anchor view).
 
         A step whose state is the chain's out-of-batch negative counts with
         that negative's re-encoded score (`"reencode"`, only if the chain has

@@ -39,6 +39,9 @@ OUT_OF_BATCH = -1
 class MHScanResult(NamedTuple):
     """What one EMC² scan over a batch produced.
 
+    Shapes are those of the two-pass scan; a one-pass scan (`mh_scan` with
+    logits `[1, A, 2B]`) has a leading axis of 1 and A chains instead.
+
     Attributes:
         states: int32 `[2, B, 2B]`: the chain's state after the MH step at
             each candidate, per pass (pass 0 anchors view 1, pass 1 anchors
@@ -125,9 +128,13 @@ def mh_scan(
     Args:
         logits: float `[2, B, 2B]`, `β S[anchor, candidate]` with pass 0 using
             view 1 of each image as anchor and pass 1 view 2. Only values are
-            used (no gradient flows through the sampler).
+            used (no gradient flows through the sampler). Or `[1, A, 2B]`:
+            one pass per chain, each chain with its own fixed anchor (the
+            finite-augmentation layout, one chain per stored view: A = 2B
+            anchor views); every output then has a leading axis of 1.
         valid: bool `[B, 2B]` from `candidate_mask`.
-        log_uniforms: float `[2, 2B, B]`, `log U` per pass, step and chain.
+        log_uniforms: float `[2, 2B, B]` (`[1, 2B, A]` for one pass), `log U`
+            per pass, step and chain.
         initial_log_score: float `[B]`, the log score of each chain's state
             before the step (`−inf` for an empty chain).
         burn_in: int scalar `P`: the first `P` *valid* steps of each pass are
@@ -165,18 +172,26 @@ def mh_scan(
     if scan_compile not in SCAN_COMPILE_MODES:
         raise ValueError(f"scan_compile must be one of {', '.join(SCAN_COMPILE_MODES)}; "
                          f"got {scan_compile!r}.")
+    passes = logits.shape[0]
+    if passes not in (1, 2):
+        raise ValueError(f"mh_scan: logits must be [2, B, 2B] (two passes) or [1, A, 2B] "
+                         f"(one pass per chain); got shape {logits.shape}.")
+    if refresh_log_score_between_passes and passes == 1:
+        raise ValueError("mh_scan(refresh_log_score_between_passes=True) needs two passes "
+                         "(logits [2, B, 2B]); a one-pass scan has nothing to refresh between.")
     if refresh_log_score_between_passes and out_of_batch_logits is None:
         raise ValueError(
             "mh_scan(refresh_log_score_between_passes=True) needs "
             "out_of_batch_logits for chains still on an out-of-batch state."
         )
     log_score0 = tf.cast(initial_log_score, logits.dtype)
-    refresh_logits = (tf.zeros_like(log_score0) if out_of_batch_logits is None
+    # Only the refresh before pass 1 reads them (a one-pass scan has none).
+    refresh_logits = (tf.zeros_like(log_score0) if out_of_batch_logits is None or passes == 1
                       else tf.cast(tf.stop_gradient(out_of_batch_logits)[1], logits.dtype))
     in_xla = _in_xla_context()
     compile_now = _compile_scan(scan_compile, in_xla)
     pass_name = _pass_name(scan, valid, compiled=compile_now or in_xla)
-    key = (pass_name, SCAN_BLOCK_SIZE, bool(refresh_log_score_between_passes))
+    key = (pass_name, SCAN_BLOCK_SIZE, bool(refresh_log_score_between_passes), passes)
     inputs = (logits, valid, log_uniforms, log_score0, refresh_logits)
     if compile_now and not in_xla and not _xla_compiles(key, inputs):
         compile_now = False
@@ -190,14 +205,14 @@ def mh_scan(
     probability = tf.where(valid[None], metropolis_hastings_accept_probability(
         logits, before_scores), tf.zeros_like(logits))
     state0 = tf.fill(tf.shape(log_score0), tf.constant(OUT_OF_BATCH, tf.int32))
-    start_states = tf.stack([state0, states[0, :, -1]])
+    start_states = tf.concat([state0[None], states[:-1, :, -1]], axis=0)  # [passes, b]
     previous = tf.concat([start_states[..., None], states[..., :-1]], axis=-1)
 
     # Burn-in counts valid steps: step c of a pass is recorded iff it is
     # valid and more than P valid steps have been taken up to and including c.
     valid_count = tf.cumsum(tf.cast(valid, tf.int32), axis=1)  # [B, 2B]
     recorded_one = valid & (valid_count > tf.cast(burn_in, tf.int32))
-    recorded = tf.stack([recorded_one, recorded_one])
+    recorded = tf.stack([recorded_one] * passes)
     return MHScanResult(
         states=states,
         recorded=recorded,
@@ -205,8 +220,8 @@ def mh_scan(
         accept_probability=probability,
         previous_states=previous,
         valid=valid,
-        final_state=states[1, :, -1],
-        final_log_score=log_scores[1, :, -1],
+        final_state=states[-1, :, -1],
+        final_log_score=log_scores[-1, :, -1],
     )
 
 
@@ -287,14 +302,17 @@ def _compile_scan(scan_compile: str, in_xla: bool) -> bool:
 
 
 def _scan_passes(key, logits, valid, log_uniforms, log_score0, refresh_logits):
-    """The two passes: `(states, log_scores, accepted)` `[2, b, K]` and the score
-    each pass starts from `[2, b]` (the exact-ratio refresh between them)."""
-    pass_name, _, refresh = key
+    """The passes: `(states, log_scores, accepted)` `[P, b, K]` and the score
+    each pass starts from `[P, b]` (the exact-ratio refresh between them);
+    P = 2, or 1 for a one-pass scan."""
+    pass_name, _, refresh, passes = key
     run_pass = {"sequential": _sequential_pass, "parallel": _parallel_pass,
                 "blocked": _blocked_pass}[pass_name]
     state0 = tf.fill(tf.shape(log_score0), tf.constant(OUT_OF_BATCH, tf.int32))
     states_a, scores_a, accepted_a = run_pass(
         logits[0], valid, tf.transpose(log_uniforms[0]), state0, log_score0)
+    if passes == 1:
+        return states_a[None], scores_a[None], accepted_a[None], log_score0[None]
     state1, log_score1 = states_a[:, -1], scores_a[:, -1]
     if refresh:
         # The current state's score against the view-2 anchor (from `logits`, or
@@ -340,12 +358,12 @@ def _xla_compiles(key, inputs) -> bool:
     device = "" if tf.executing_eagerly() else logits.device
     probe_key = (key, device, logits.dtype.name)
     if probe_key not in _XLA_PROBES:
-        pass_name, block_size, refresh = key
+        pass_name, block_size, refresh, passes = key
         with tf.init_scope(), tf.device(device or None):
             chains, candidates = 2, 4
-            probe = (tf.zeros([2, chains, candidates], logits.dtype),
+            probe = (tf.zeros([passes, chains, candidates], logits.dtype),
                      tf.ones([chains, candidates], tf.bool),
-                     tf.zeros([2, candidates, chains], logits.dtype),
+                     tf.zeros([passes, candidates, chains], logits.dtype),
                      tf.fill([chains], tf.constant(-math.inf, logits.dtype)),
                      tf.zeros([chains], logits.dtype))
             try:
