@@ -177,12 +177,12 @@ def build_model(method: str, options: dict, data, views, seed: int):
     arguments = {"seed": seed, **options}
     if "temperature" in accepted:
         arguments["temperature"] = FLAGS.temperature
-    if "finite_augmentations" in accepted:
+    if "finite_augmentations" in accepted:  # chains / cache rows over the N·K stored views
         arguments["finite_augmentations"] = views.num_views
+        if "images" in accepted:
+            arguments["images"] = views.table
     model = emc2_tf.build_model(method, encoder=encoder, dataset_size=data.num_train,
                                 **arguments)
-    if getattr(model, "needs_image_table", False):
-        model.set_image_table(views.table)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=FLAGS.learning_rate,
                                                  momentum=0.0))
     return model
