@@ -163,6 +163,24 @@ def test_readme_paper_recipes_run_with_every_flag_kept(tmp_path):
         assert summary["train_size"] == {"stl10": 16, "in100": 18}[name]
 
 
+def test_readme_finite_augmentation_example_runs(tmp_path):
+    """Bug caught: the README's finite-augmentation snippet (finite views, EMC² over
+    stored views with exact_ratio, the gradient-error monitor) out of date with
+    the API. Run as written, its last record must be step 10 of 15 with finite
+    positive numbers, and F below log(1 + N·K − K) = log(999) plus slack."""
+    snippet = _python_block_after("### Finite augmentations and the exact gradient error")
+    script = snippet + (
+        "\nimport json, math\nrecord = monitor.records[-1]\n"
+        "print('RECORD', json.dumps({k: record[k] for k in "
+        "('step', 'gradient_error', 'gradient_norm', 'global_loss')}))\n")
+    result = run_python(["-c", script], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(re.search(r"^RECORD (.*)$", result.stdout, re.M).group(1))
+    assert record["step"] == 10
+    assert record["gradient_error"] > 0 and record["gradient_norm"] > 0
+    assert 0 < record["global_loss"] < np.log(999) + 0.1
+
+
 if __name__ == "__main__":
     import sys
 
