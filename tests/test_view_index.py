@@ -52,6 +52,26 @@ def test_bad_view_index_is_refused_in_one_line():
         view_index_of({"view_index": tf.zeros([4, 2], tf.float32)})
 
 
+@pytest.mark.parametrize("bad_pair", [[0, 2], [1, 1], [-1, 0]])
+def test_view_index_outside_the_stored_views_is_refused_under_xla(bad_pair):
+    """Catches: a view_index outside [0, K), or two equal views, reaching an
+    XLA-compiled step (which drops assertions and would gather another image's
+    stored row) instead of one ValueError from the input pipeline."""
+    import keras
+
+    import emc2_tf
+
+    images = tf.constant(embedding_images(fixed_embeddings(4, 3)))
+    pairs = tf.constant([[0, 1], [1, 0], bad_pair, [1, 0]], tf.int32)
+    dataset = tf.data.Dataset.from_tensors(
+        {"index": tf.range(4), "view1": images, "view2": images, "view_index": pairs})
+    model = emc2_tf.EMC2Model(frozen_encoder(3), dataset_size=4, finite_augmentations=2,
+                              temperature=0.5, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    with pytest.raises(ValueError, match=r"view_index outside \[0, finite_augmentations=2\)"):
+        model.fit(dataset, epochs=1, verbose=0)
+
+
 if __name__ == "__main__":
     import sys
 

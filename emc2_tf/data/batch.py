@@ -18,6 +18,8 @@ from typing import Any
 import tensorflow as tf
 
 INDEX_RANGE_MESSAGE = "emc2_tf: sample index out of range"
+#: A finite-augmentation batch whose view numbers are outside [0, K) or equal.
+VIEW_INDEX_MESSAGE = "emc2_tf: view_index out of range"
 #: A batch of one image has no negatives: its loss is 0 and nothing is learnt.
 BATCH_SIZE_MESSAGE = "emc2_tf: a batch of fewer than 2 images"
 
@@ -122,7 +124,8 @@ def check_two_view_spec(index: Any, view1: Any, view2: Any) -> None:
         )
 
 
-def check_dataset(dataset: tf.data.Dataset, dataset_size: int) -> tf.data.Dataset:
+def check_dataset(dataset: tf.data.Dataset, dataset_size: int,
+                  num_views: int | None = None) -> tf.data.Dataset:
     """Validates a dataset's element spec and adds run-time index range and batch
     size (≥ 2) checks.
 
@@ -143,7 +146,11 @@ def check_dataset(dataset: tf.data.Dataset, dataset_size: int) -> tf.data.Datase
     def check_range(*element):
         data = element[0] if len(element) == 1 else element
         index = unpack_two_view_batch(data)[0]
-        with tf.control_dependencies(index_checks(index, dataset_size)):
+        checks = index_checks(index, dataset_size)
+        view_index = view_index_of(data)
+        if num_views and view_index is not None:
+            checks += view_index_checks(view_index, num_views)
+        with tf.control_dependencies(checks):
             return tf.nest.map_structure(tf.identity, element if len(element) > 1 else data)
 
     return dataset.map(check_range)
@@ -160,4 +167,17 @@ def index_checks(index: tf.Tensor, dataset_size: int) -> list:
                                           message=INDEX_RANGE_MESSAGE),
         tf.debugging.assert_less(index, tf.cast(dataset_size, index.dtype),
                                  message=INDEX_RANGE_MESSAGE),
+    ]
+
+
+def view_index_checks(view_index: tf.Tensor, num_views: int) -> list:
+    """The run-time checks of a finite-augmentation batch's `view_index` `[B, 2]`:
+    both views in `[0, K)` and distinct, failing with `VIEW_INDEX_MESSAGE`. In the
+    input pipeline, because an XLA-compiled step drops assertions and would
+    gather a wrong table row silently."""
+    return [
+        tf.debugging.assert_greater_equal(view_index, 0, message=VIEW_INDEX_MESSAGE),
+        tf.debugging.assert_less(view_index, num_views, message=VIEW_INDEX_MESSAGE),
+        tf.debugging.assert_none_equal(view_index[:, 0], view_index[:, 1],
+                                       message=VIEW_INDEX_MESSAGE),
     ]

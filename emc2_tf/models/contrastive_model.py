@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from emc2_tf.data.batch import (
     INDEX_RANGE_MESSAGE,
+    VIEW_INDEX_MESSAGE,
     check_dataset,
     unpack_two_view_batch,
     view_index_of,
@@ -466,7 +467,8 @@ class ContrastiveModel(keras.Model):
         every image and keeping its share."""
         worker_dataset = getattr(dataset, "worker_dataset", None)
         if worker_dataset is None or not _multi_worker(self.distribute_strategy):
-            return check_dataset(dataset, self.dataset_size)
+            return check_dataset(dataset, self.dataset_size,
+                                 getattr(self, "finite_augmentations", None))
         return self.distribute_strategy.distribute_datasets_from_function(
             functools.partial(worker_dataset, dataset_size=self.dataset_size))
 
@@ -522,6 +524,13 @@ class ContrastiveModel(keras.Model):
                     f"The dataset yielded a sample index outside [0, dataset_size="
                     f"{self.dataset_size}): every index must address one of the "
                     f"{self.dataset_size} images the model was built for."
+                ) from None
+            if VIEW_INDEX_MESSAGE in str(error):
+                raise ValueError(
+                    f"The dataset yielded a view_index outside [0, finite_augmentations="
+                    f"{getattr(self, 'finite_augmentations', None)}) or two equal views of an "
+                    "image: each row must name two distinct stored views "
+                    "(make_two_view_dataset(..., finite_augmentations=K) draws them)."
                 ) from None
             if BATCH_SIZE_MESSAGE in str(error):  # issue 13: e.g. a partial last batch of 1
                 raise ValueError(
