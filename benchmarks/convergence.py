@@ -273,35 +273,46 @@ def print_table(rows: list[dict]) -> str:
     return text
 
 
+def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
+    """A centred running mean over `window` measurements (shorter at the ends):
+    one measurement of ‖∇F‖² swings by orders of magnitude from one step to the
+    next at this learning rate."""
+    values = np.asarray(values, np.float64)
+    half = window // 2
+    return np.array([values[max(0, i - half): i + half + 1].mean() for i in range(len(values))])
+
+
 def plot(runs: list[dict], path: str) -> None:
-    """Rows: data set × x axis (iterations, seconds); columns: the three metrics;
-    one line per (variant, B), the mean over seeds."""
+    """Rows: (data set, B) against iterations, then against training seconds;
+    columns: the metrics; one line per variant, the mean over seeds, smoothed
+    over 5 measurements."""
     plt = common.pyplot()
-    datasets = list(dict.fromkeys(run["dataset"] for run in runs))
-    figure, axes = plt.subplots(2 * len(datasets), len(METRICS),
-                                figsize=(5 * len(METRICS), 3.6 * 2 * len(datasets)),
+    panels = sorted({(run["dataset"], run["batch_size"]) for run in runs})
+    figure, axes = plt.subplots(2 * len(panels), len(METRICS),
+                                figsize=(5 * len(METRICS), 3.4 * 2 * len(panels)),
                                 squeeze=False)
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["dataset"], run["variant"], run["batch_size"]), []).append(run)
-    colours = {}
-    for (dataset, variant, batch_size), members in sorted(groups.items()):
-        colour = colours.setdefault(variant, f"C{len(colours) % 10}")
-        style = "-" if batch_size == min(r["batch_size"] for r in runs) else "--"
+        groups.setdefault((run["dataset"], run["batch_size"], run["variant"]), []).append(run)
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    for (dataset, batch_size, variant), members in groups.items():
+        colour = f"C{variants.index(variant) % 10}"
         length = min(len(r["records"]) for r in members)
+        panel = panels.index((dataset, batch_size))
         for axis_kind, x_key in enumerate(("step", "seconds")):
-            row = 2 * datasets.index(dataset) + axis_kind
+            row = 2 * panel + axis_kind
             x = np.mean([[rec[x_key] for rec in r["records"][:length]] for r in members], axis=0)
             for column, name in enumerate(METRICS):
                 y = np.mean([[rec[name] for rec in r["records"][:length]] for r in members],
                             axis=0)
                 axis = axes[row][column]
-                axis.plot(x, y, style, color=colour, label=f"{variant} B={batch_size}")
-                axis.set_title(f"{dataset}: {name}")
+                axis.plot(x, smooth(y), color=colour, label=f"{variant} ({len(members)} seeds)")
+                axis.set_title(f"{dataset}, B={batch_size}: {name}", fontsize=9)
                 axis.set_xlabel("iteration" if x_key == "step" else "training seconds")
-                if name not in ("global_loss",):
+                if name != "global_loss":
                     axis.set_yscale("log")
-    axes[0][0].legend(fontsize=6)
+    for row in range(0, 2 * len(panels), 2):
+        axes[row][0].legend(fontsize=6)
     common.save_figure(figure, path)
 
 
