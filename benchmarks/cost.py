@@ -424,7 +424,8 @@ def reencode_part(model):
     @tf.function
     def reencode(view1, view2, old_index):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model._out_of_batch_logits(view1, view2, old_index, beta, True))
+            loss = tf.reduce_sum(model._out_of_batch_logits(tf.stack([view1, view2]), old_index,
+                                                            beta, True))
         gradients = [g for g in tape.gradient(loss, variables) if g is not None]
         return [loss, *gradients]
 
@@ -455,7 +456,7 @@ def breakdown_inputs(model, batch) -> dict:
     z = tf.cast(model.encoder(views, training=False), tf.float32)
     logits = model.inverse_temperature * tf.matmul(z, z, transpose_b=True)
     old_index = tf.gather(model.chain_index.value, index)
-    out_of_batch = model._out_of_batch_logits(z[:b], z[b:], old_index,
+    out_of_batch = model._out_of_batch_logits(tf.stack([z[:b], z[b:]]), old_index,
                                               model.inverse_temperature, False)
     initial = (out_of_batch[0] if model.exact_ratio
                else tf.gather(model.chain_log_score.value, index))

@@ -215,7 +215,7 @@ def define_train_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "kcl_t": (_finite, "--kcl_t must be finite and > 0 (e.g. 2)."),
         "kcl_gamma": (_finite, "--kcl_gamma must be finite and > 0 (e.g. 16)."),
         "cache_refresh": (lambda v: 0 <= v <= 1,
-                          "--cache_refresh must be in [0, 1] (e.g. 0.1)."),
+                          "--cache_refresh must be a finite number in [0, 1] (e.g. 0.1)."),
         "cache_negatives": (lambda v: v >= 1, "--cache_negatives must be ≥ 1 (e.g. 1)."),
         "spectral_every": (lambda v: v >= 1, "--spectral_every must be ≥ 1."),
         "spectral_groups": (lambda v: v >= 1, "--spectral_groups must be ≥ 1."),
