@@ -278,3 +278,20 @@ def finite_emc2_step(params, table, num_views, index, view_index, chain_index, c
                              out_of_batch, waste_recycling)
     loss = negative.mean() - beta * (z[:b] * z[b:]).sum(1).mean()
     return ReferenceStep(loss, scan)
+
+
+def numeric_gradient(fixture, scan, options, h=1e-6):
+    """Central differences of the float64 reference at fixed draws and accept decisions."""
+    params = fixture.params
+    gradients = []
+    for which, value in enumerate(params):
+        grad = np.zeros_like(value)
+        for position in np.ndindex(value.shape):
+            shifted = []
+            for sign in (1, -1):
+                moved = [p.copy() for p in params]
+                moved[which][position] += sign * h
+                shifted.append(fixture.reference(moved, decisions=scan, **options).loss)
+            grad[position] = (shifted[0] - shifted[1]) / (2 * h)
+        gradients.append(grad)
+    return gradients

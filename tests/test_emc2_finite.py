@@ -170,23 +170,6 @@ class _FiniteFixture:
                 [g.numpy() for g in gradients])
 
 
-def _numeric_gradient(fixture, scan, options, h=1e-6):
-    """Central differences of the float64 reference at fixed draws and accept decisions."""
-    params = fixture.params
-    gradients = []
-    for which, value in enumerate(params):
-        grad = np.zeros_like(value)
-        for position in np.ndindex(value.shape):
-            shifted = []
-            for sign in (1, -1):
-                moved = [p.copy() for p in params]
-                moved[which][position] += sign * h
-                shifted.append(fixture.reference(moved, decisions=scan, **options).loss)
-            grad[position] = (shifted[0] - shifted[1]) / (2 * h)
-        gradients.append(grad)
-    return gradients
-
-
 SCANS = ["sequential", "parallel", "blocked"]
 OPTIONS = [
     dict(out_of_batch=mode, exact_ratio=exact, waste_recycling=recycle,
@@ -224,7 +207,7 @@ def test_finite_step_equals_the_float64_reference(fixture, options):
     loss, scalars, gradients = fixture.model_step(model)
     want = fixture.reference(**options)
     assert loss == pytest.approx(want.loss, rel=1e-5, abs=1e-5)
-    for got, expected in zip(gradients, _numeric_gradient(fixture, want.scan, options)):
+    for got, expected in zip(gradients, ref.numeric_gradient(fixture, want.scan, options)):
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5)
 
     scan = want.scan
