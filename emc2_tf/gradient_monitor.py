@@ -63,7 +63,7 @@ class GlobalObjective:
         self.temperature = float(temperature)
         self.chunk_size = int(chunk_size)
         self._table = tf.constant(views.table)
-        self._functions: dict[int, Callable] = {}
+        self._functions: dict[tuple, Callable] = {}
 
     def _chunks(self):
         rows = self.views.num_rows
@@ -105,8 +105,8 @@ class GlobalObjective:
                           variables: list | None = None) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """`(F(θ), [∂F/∂v for v in variables])`, variables default the encoder's trainable ones."""
         variables = list(encoder.trainable_variables if variables is None else variables)
-        key = id(encoder)
-        if key not in self._functions:
+        key = (id(encoder), tuple(id(variable) for variable in variables))
+        if key not in self._functions:  # one traced function per encoder and variable list
             self._functions[key] = self._build(encoder, variables)
         return self._functions[key]()
 
