@@ -472,6 +472,8 @@ def test_cli_trains_cache_with_its_flags(tmp_path):
     summary = parse_summary(result.stdout)
     assert summary["method"] == "cache" and summary["global_step"] == 4
     assert summary["global_contrastive_loss"] < summary["initial_global_contrastive_loss"] - 0.05
+    # The cache's own scalars reach the summary (a row sampled in step t ≤ 3 is ≤ 3 steps old).
+    assert 0 < summary["positive_weight"] < 1 and 0 <= summary["cache_staleness"] <= 3
     flags_file = (tmp_path / "ck" / "flags.txt").read_text()
     assert "--cache_negatives=2" in flags_file and "--cache_refresh=0.25" in flags_file
 

@@ -549,8 +549,9 @@ def run_summary(built, history: dict, augment, train_seconds: float, epoch_secon
         "final_loss": history["loss"][-1] if history.get("loss") else None,
         "global_step": int(model.optimizer.iterations.numpy()),
     }
-    if history.get("acceptance_rate"):
-        summary["acceptance_rate"] = history["acceptance_rate"][-1]
+    for name in built.model.step_metric_names:  # e.g. acceptance_rate, cache_staleness
+        if history.get(name):
+            summary[name] = history[name][-1]
     return summary
 
 
@@ -584,6 +585,14 @@ def print_summary(summary: dict) -> None:
         print(f"held-out linear-probe accuracy: {summary['linear_probe_accuracy']:.4f}")
     if "acceptance_rate" in summary:
         print(f"MH acceptance rate (last epoch): {summary['acceptance_rate']:.4f}")
+    if "cache_staleness" in summary:
+        print(f"cache: positive weight {summary['positive_weight']:.4f}, sampled rows "
+              f"{summary['cache_staleness']:.1f} steps stale (last epoch)")
+    if "global_objective" in summary:
+        objective = summary["global_objective"]
+        print(f"global objective at step {objective['step']}: F {objective['global_loss']:.4f}, "
+              f"‖∇F‖² {objective['gradient_norm']:.4g}, ‖g − ∇F‖² "
+              f"{objective['gradient_error']:.4g}")
     if "global_contrastive_loss" in summary:
         print(f"exact global contrastive loss:  "
               f"{summary['initial_global_contrastive_loss']:.4f} at the start, "
