@@ -214,7 +214,12 @@ class GlobalObjectiveMonitor(keras.callbacks.Callback):
                              f"built for dataset_size={model.dataset_size}.")
 
     def on_train_begin(self, logs=None):
-        self._check_model()
+        try:
+            self._check_model()
+        except ValueError:  # refused: leave the model's steps as they were
+            if hasattr(self.model, "watch_gradients"):
+                self.model.watch_gradients(False)
+            raise
         temperature = self.temperature or self.model.temperature
         self._objective = GlobalObjective(self.views, temperature, self.chunk_size)
         if self.log_dir:

@@ -242,6 +242,15 @@ def test_bad_arguments_are_refused_in_one_line():
         emc2_tf.GlobalObjectiveMonitor(images)
     with pytest.raises(ValueError, match="every_n_steps must be an integer ≥ 1"):
         emc2_tf.GlobalObjectiveMonitor(views, every_n_steps=0)
+    # A monitor refused at the start of fit (its views do not match the model)
+    # leaves the model's steps unwatched.
+    model = emc2_tf.build_model("simclr", encoder=_linear_encoder((3, 3, 1)), dataset_size=5)
+    model.compile(optimizer="sgd")
+    with pytest.raises(ValueError, match="The views hold 6 images but the model was built for"):
+        model.fit(emc2_tf.make_two_view_dataset(np.zeros((5, 3, 3, 1), np.uint8), 2,
+                                                augment=None),
+                  epochs=1, verbose=0, callbacks=[emc2_tf.GlobalObjectiveMonitor(views)])
+    assert model.gradient_record is None
 
 
 if __name__ == "__main__":
