@@ -408,7 +408,8 @@ def scan_part(model, batch_size: int):
     def scan(anchor_logits, valid, log_uniforms, initial_log_score, out_of_batch_logits):
         result = mh_scan(anchor_logits, valid, log_uniforms, initial_log_score, burn_in,
                          refresh_log_score_between_passes=model.exact_ratio,
-                         out_of_batch_logits=out_of_batch_logits, scan=model.scan)
+                         out_of_batch_logits=out_of_batch_logits, scan=model.scan,
+                         scan_compile=model.scan_compile)
         return result.states, result.accepted, result.final_state, result.final_log_score
 
     return scan

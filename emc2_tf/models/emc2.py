@@ -53,11 +53,12 @@ from emc2_tf.models.contrastive_model import ContrastiveModel, all_gather
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
     SCAN_IMPLEMENTATIONS,
-    candidate_mask,
     SCAN_COMPILE_MODES,
+    _in_xla_context,
+    candidate_mask,
+    candidate_weights,
     default_burn_in,
     mh_scan,
-    state_weights,
 )
 
 #: What a recorded step on a chain's out-of-batch negative contributes:
@@ -492,7 +493,10 @@ class EMC2Model(ContrastiveModel):
     def contrastive_loss(self, index, embeddings, training=True, view_index=None):
         beta = tf.convert_to_tensor(self.inverse_temperature, dtype=embeddings.dtype)
         batch_size = tf.shape(index)[0]  # this replica's b images
-        view1, view2 = embeddings[:batch_size], embeddings[batch_size:]
+        # [2, b, D] by a reshape, not two slices: a reshape's gradient is a reshape,
+        # a slice's writes a zero-filled copy of the whole input (StridedSliceGrad).
+        anchors = tf.reshape(embeddings, [2, batch_size, -1])
+        view1, view2 = tf.unstack(anchors)
         # The candidates are the global batch's 2B views (all replicas').
         all_index, candidates = self.global_batch(index, embeddings)
         global_batch_size = tf.shape(all_index)[0]
@@ -516,8 +520,7 @@ class EMC2Model(ContrastiveModel):
         else:
             # One chain per image: view 1 anchors pass 0, view 2 continues it in pass 1.
             passes = 2
-            anchor_logits = tf.stack([logits[:batch_size], logits[batch_size:]])  # [2, b, 2B]
-            anchors = tf.stack([view1, view2])  # [2, b, D]
+            anchor_logits = tf.reshape(logits, [2, batch_size, -1])  # [2, b, 2B]
             valid = candidate_mask(index, all_index)  # [b, 2B]
             chain_keys = index
             candidate_ids = tf.concat([all_index, all_index], axis=0)  # [2B]
@@ -622,11 +625,35 @@ class EMC2Model(ContrastiveModel):
         """
         if self.out_of_batch == "drop" and not self.exact_ratio:
             return None
-        old_images = gather_images(self.images, tf.maximum(old_index, 0))
-        old_embeddings = tf.cast(self.encoder(old_images, training=training), anchors.dtype)
+        old_embeddings = self._stored_embeddings(old_index, training, anchors)
         if self.out_of_batch == "drop":
             old_embeddings = tf.stop_gradient(old_embeddings)
         return beta * tf.reduce_sum(anchors * old_embeddings[None], axis=-1)
+
+    def _stored_embeddings(self, old_index, training, anchors):
+        """`[c, D]` the chains' stored negatives encoded with the current weights, in one
+        encoder call: only the chains that hold one (a chain with none gets a row of
+        zeros, which nothing reads: its score stays −inf and its steps weigh 0).
+
+        In the first epoch every chain of a batch is empty, so this encodes
+        nothing there instead of B placeholder images. Under XLA (a
+        `jit_compile=True` step), which needs static shapes, all c rows are
+        encoded, the empty chains' from image 0.
+        """
+        if _in_xla_context():
+            images = gather_images(self.images, tf.maximum(old_index, 0))
+            return tf.cast(self.encoder(images, training=training), anchors.dtype)
+        held = tf.where(old_index >= 0)  # [n, 1] int64
+        shape = tf.cast(tf.stack([tf.size(old_index), tf.shape(anchors)[-1]]), tf.int64)
+
+        def encode_held():
+            images = gather_images(self.images, tf.gather_nd(old_index, held))
+            embedded = tf.cast(self.encoder(images, training=training), anchors.dtype)
+            return tf.scatter_nd(held, embedded, shape)
+
+        # No encoder call on an empty batch (oneDNN's convolutions refuse one).
+        return tf.cond(tf.size(held) > 0, encode_held,
+                       lambda: tf.zeros(shape, anchors.dtype))
 
     def _negative_term(self, anchor_logits, out_of_batch_logits, scan, has_state):
         """`[P, c]` negative term of each anchor (algorithms.md §2, step 5): `[2, b]`,
@@ -642,7 +669,8 @@ class EMC2Model(ContrastiveModel):
         """
         recorded = tf.cast(scan.recorded, anchor_logits.dtype)
         stored = has_state[None, :, None]
-        num_columns = tf.shape(anchor_logits)[-1] + 1  # the 2B candidates, then out of batch
+        num_candidates = tf.shape(anchor_logits)[-1]
+        reencode = self.out_of_batch == "reencode" and out_of_batch_logits is not None
 
         def value_weight(states):  # does the step's state add its score?
             usable = (states >= 0) | (stored if self.out_of_batch == "reencode" else False)
@@ -653,24 +681,28 @@ class EMC2Model(ContrastiveModel):
                 return tf.ones_like(recorded)
             return value_weight(states)
 
-        # One weight per candidate column and the out-of-batch column (no gradient),
-        # then one dense product with the logits: Σ_c W[a, c] β s(a, c) / n.
+        # One weight per candidate column (no gradient), then one dense product
+        # with the logits: Σ_c W[a, c] β s(a, c) / n; the out-of-batch steps'
+        # weight multiplies the re-encoded negative's score ("reencode" only).
         if not self.waste_recycling:
-            normaliser = tf.reduce_sum(recorded * count_weight(scan.states), axis=-1)
-            weights = state_weights(scan.states, recorded * value_weight(scan.states),
-                                    num_columns)
+            states = scan.states
+            normaliser = tf.reduce_sum(recorded * count_weight(states), axis=-1)
+            state_share = recorded * value_weight(states)
+            weights = candidate_weights(states, state_share, num_candidates, scan.compiled)
         else:
             alpha = tf.cast(scan.accept_probability, recorded.dtype)
-            previous = scan.previous_states
+            states = scan.previous_states
             # Every recorded step counts once: a step before the first acceptance
             # of an empty chain has α = 1, so its (1 − α) share is always 0.
             normaliser = tf.reduce_sum(recorded, axis=-1)
             # Both shares in one matrix: step k's candidate is column k (α share),
             # its state before the step is scattered ((1 − α) share).
-            weights = state_weights(previous, recorded * (1.0 - alpha) * value_weight(previous),
-                                    num_columns)
-            weights += tf.pad(tf.stop_gradient(recorded * alpha), [[0, 0], [0, 0], [0, 1]])
-        total = tf.reduce_sum(weights[..., :-1] * anchor_logits, axis=-1)
-        if self.out_of_batch == "reencode" and out_of_batch_logits is not None:
-            total += weights[..., -1] * out_of_batch_logits
+            state_share = recorded * (1.0 - alpha) * value_weight(states)
+            weights = (candidate_weights(states, state_share, num_candidates, scan.compiled)
+                       + tf.stop_gradient(recorded * alpha))
+        total = tf.reduce_sum(weights * anchor_logits, axis=-1)
+        if reencode:
+            out_of_batch_weight = tf.reduce_sum(
+                tf.where(states < 0, state_share, tf.zeros_like(state_share)), axis=-1)
+            total += tf.stop_gradient(out_of_batch_weight) * out_of_batch_logits
         return tf.math.divide_no_nan(total, normaliser)

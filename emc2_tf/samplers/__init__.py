@@ -5,6 +5,7 @@ from emc2_tf.samplers.metropolis_hastings import (
     SCAN_IMPLEMENTATIONS,
     MHScanResult,
     candidate_mask,
+    candidate_weights,
     default_burn_in,
     emc2_negative_term,
     metropolis_hastings_accept_probability,
