@@ -82,6 +82,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.data.finite import check_num_views
 from emc2_tf.data.image_source import ImageSource
 from emc2_tf.models.contrastive_model import ContrastiveModel
 from emc2_tf.models.image_store import (
@@ -284,12 +285,8 @@ class CacheModel(ContrastiveModel):
     ):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
         self.cache_refresh = _check_fraction(cache_refresh, "cache_refresh")
-        if finite_augmentations is not None:
-            finite_augmentations = _check_int(
-                finite_augmentations, "finite_augmentations", 2,
-                "stored views per image, or None")
-        self.finite_augmentations = finite_augmentations
-        self.views_per_image = finite_augmentations or 1
+        self.finite_augmentations = check_num_views(finite_augmentations, allow_none=True)
+        self.views_per_image = self.finite_augmentations or 1
         self.cache_rows = self.dataset_size * self.views_per_image
         self.cache_negatives = _check_int(cache_negatives, "cache_negatives", 1,
                                           "negatives drawn per anchor")

@@ -46,6 +46,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.data.finite import check_num_views
 from emc2_tf.data.image_source import ImageSource
 from emc2_tf.models.contrastive_model import ContrastiveModel, all_gather
 # The image table's holder, checks and reads live in image_store (shared with
@@ -260,16 +261,7 @@ class EMC2Model(ContrastiveModel):
         **kwargs: Any,
     ):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
-        if finite_augmentations is not None and (
-            isinstance(finite_augmentations, bool)
-            or not isinstance(finite_augmentations, (int, np.integer))
-            or finite_augmentations < 2
-        ):
-            raise ValueError(
-                "finite_augmentations must be None (fresh augmentations every step) or an "
-                f"integer ≥ 2 (K stored views per image); got {finite_augmentations!r}.")
-        self.finite_augmentations = (None if finite_augmentations is None
-                                     else int(finite_augmentations))
+        self.finite_augmentations = check_num_views(finite_augmentations, allow_none=True)
         if burn_in is not None and (
             isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0
         ):
