@@ -426,8 +426,9 @@ def test_evaluate_reads_the_cache_writes_nothing_and_compiles_with_xla():
     ("cache_negatives", 0, "cache_negatives must be an integer ≥ 1"),
     ("cache_negatives", 2.0, "cache_negatives must be an integer ≥ 1"),
     ("cache_negatives", 8, "cache_negatives must be at most the 7 cache rows"),
-    ("finite_augmentations", 1, "finite_augmentations must be an integer ≥ 2"),
-    ("images", np.zeros((9, 1, 1, 1), np.float32), "images must hold 8 rows"),
+    ("finite_augmentations", 1, "finite_augmentations must be None .* or an integer ≥ 2"),
+    ("images", np.zeros((9, 1, 1, 1), np.float32),
+     "images holds 9 images but dataset_size=8; they must match"),
 ])
 def test_bad_arguments_are_refused_in_one_line(argument, value, message):
     """Catches: an argument accepted that the estimator cannot honour (ρ outside
@@ -439,11 +440,34 @@ def test_bad_arguments_are_refused_in_one_line(argument, value, message):
     assert "\n" not in str(error.value)
 
 
+def test_the_table_byte_limit_names_what_the_cache_needs():
+    """A float32 table over `max_image_table_bytes` is refused in one line, at
+    construction and by `set_image_table`, naming the limit, why the cache needs
+    the table and its remedies (uint8, an ImageSource); the same images as uint8,
+    a quarter of the size, fit under the limit.
+
+    Catches: the cache's limit lost when its checks moved to `image_store`
+    (`max_image_table_bytes` not passed on: an oversized table accepted), or its
+    refusal offering EMC²'s remedy, out_of_batch='drop', which the cache has not.
+    """
+    floats = np.zeros((8, 1, 1, 4), np.float32)  # 128 bytes as float32, 32 as uint8
+    with pytest.raises(ValueError, match=r"max_image_table_bytes=127 .*CacheModel encodes "
+                                         r"every cache row.*uint8.*ImageSource") as error:
+        CacheModel(frozen_encoder(4), 8, images=floats, max_image_table_bytes=127)
+    assert "\n" not in str(error.value) and "out_of_batch" not in str(error.value)
+    model = CacheModel(frozen_encoder(4), 8, images=emc2_tf.image_table(floats),
+                       max_image_table_bytes=127)
+    assert model.images.dtype == tf.uint8
+    with pytest.raises(ValueError, match="max_image_table_bytes=127"):
+        model.set_image_table(floats)
+
+
 def test_finite_model_refuses_a_batch_without_view_index():
     """Catches: a finite-augmentation cache silently writing rows image·K + 0 for a
     batch without `view_index`; and an N-row table accepted with K set."""
     images = np.zeros((8, 1, 1, 1), np.float32)
-    with pytest.raises(ValueError, match="images must hold 16 rows, the N·K = 8·2"):
+    with pytest.raises(ValueError, match=r"images holds 8 rows but finite_augmentations=2 "
+                                         r"needs .* dataset_size·K = 8·2 = 16 rows"):
         CacheModel(frozen_encoder(1), 8, images=images, finite_augmentations=2)
     model = CacheModel(frozen_encoder(1), 8, images=np.zeros((16, 1, 1, 1), np.float32),
                        finite_augmentations=2)

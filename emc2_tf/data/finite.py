@@ -30,10 +30,22 @@ from emc2_tf.data.augment import AugmentConfig, SimCLRAugment
 from emc2_tf.data.image_source import ArraySource, as_source
 
 
-def check_num_views(num_views: Any, argument: str = "finite_augmentations") -> int:
-    """K as an int ≥ 2, or a one-line `ValueError` naming `argument`."""
+def check_num_views(num_views: Any, argument: str = "finite_augmentations",
+                    allow_none: bool = False) -> int | None:
+    """K as an int ≥ 2, or a one-line `ValueError` naming `argument`.
+
+    The one check of a number of stored views per image (the models'
+    `finite_augmentations`, the datasets', `FiniteViews`'). With `allow_none`,
+    None (fresh augmentations every step: no stored views) is accepted and
+    returned as is, and the refusal names it among the accepted values.
+    A bool or a float such as 2.0 is refused: K counts table rows per image.
+    """
+    if allow_none and num_views is None:
+        return None
     if isinstance(num_views, bool) or not isinstance(num_views, (int, np.integer)) or num_views < 2:
-        raise ValueError(f"{argument} must be an integer ≥ 2 (K stored views per image, two of "
+        accepted = ("None (fresh augmentations every step) or an integer ≥ 2" if allow_none
+                    else "an integer ≥ 2")
+        raise ValueError(f"{argument} must be {accepted} (K stored views per image, two of "
                          f"them per step); got {num_views!r}.")
     return int(num_views)
 
@@ -139,7 +151,8 @@ def as_finite_views(images: Any, finite_augmentations: Any, augment: AugmentConf
                 f"finite_augmentations={finite_augmentations!r} but the FiniteViews given hold "
                 f"K={images.num_views} views per image; pass None or {images.num_views}.")
         return images
-    if finite_augmentations is None:
+    num_views = check_num_views(finite_augmentations, allow_none=True)
+    if num_views is None:
         return None
-    return finite_views(images, check_num_views(finite_augmentations), augment, seed)
+    return finite_views(images, num_views, augment, seed)
 

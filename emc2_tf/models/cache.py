@@ -82,12 +82,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from emc2_tf.data.finite import check_num_views
 from emc2_tf.data.image_source import ImageSource
 from emc2_tf.models.contrastive_model import ContrastiveModel
-from emc2_tf.models.emc2 import (
+from emc2_tf.models.image_store import (
     DEFAULT_MAX_IMAGE_TABLE_BYTES,
-    _check_image_table,
+    TableOwner,
     _ImageTable,
+    check_image_table,
     gather_images,
 )
 
@@ -105,6 +107,11 @@ SOURCE_JIT_MESSAGE = (
     "cannot compile inside the step; compile with jit_compile=False (on a GPU, 'auto' means "
     "True), or give images= an in-memory array."
 )
+
+#: What the byte-limit refusal of the cache's image table says the cache needs it for.
+TABLE_OWNER = TableOwner(
+    reads="CacheModel encodes every cache row and re-encodes its sampled negatives from "
+          "the table by index, inside the step")
 
 #: Rows per encoder call when `fill_cache` encodes the whole table.
 FILL_BATCH_SIZE = 256
@@ -278,12 +285,8 @@ class CacheModel(ContrastiveModel):
     ):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
         self.cache_refresh = _check_fraction(cache_refresh, "cache_refresh")
-        if finite_augmentations is not None:
-            finite_augmentations = _check_int(
-                finite_augmentations, "finite_augmentations", 2,
-                "stored views per image, or None")
-        self.finite_augmentations = finite_augmentations
-        self.views_per_image = finite_augmentations or 1
+        self.finite_augmentations = check_num_views(finite_augmentations, allow_none=True)
+        self.views_per_image = self.finite_augmentations or 1
         self.cache_rows = self.dataset_size * self.views_per_image
         self.cache_negatives = _check_int(cache_negatives, "cache_negatives", 1,
                                           "negatives drawn per anchor")
@@ -317,25 +320,9 @@ class CacheModel(ContrastiveModel):
     def set_image_table(self, images: Any) -> None:
         """Sets (or clears, with None) the image table: R = N rows, or N·K stored
         views with `finite_augmentations=K` (row `image·K + k`)."""
-        if images is not None:
-            rows = (images.num_images if isinstance(images, ImageSource)
-                    else tuple(np.shape(images))[0] if np.ndim(images) else None)
-            if rows != self.cache_rows:
-                layout = (f"N·K = {self.dataset_size}·{self.finite_augmentations} stored views "
-                          f"(finite_augmentations={self.finite_augmentations})"
-                          if self.finite_augmentations else
-                          f"N = {self.dataset_size} images (dataset_size)")
-                raise ValueError(f"images must hold {self.cache_rows} rows, the {layout}; "
-                                 f"got {rows}.")
-            if not isinstance(images, ImageSource):
-                stored = 1 if np.asarray(images).dtype == np.uint8 else 4
-                table_bytes = int(np.prod(np.shape(images))) * stored
-                if table_bytes > self.max_image_table_bytes:
-                    raise ValueError(
-                        f"images needs {table_bytes / 1024**3:.2f} GiB in memory, above "
-                        f"max_image_table_bytes={self.max_image_table_bytes}: pass uint8 "
-                        "images (emc2_tf.image_table), an ImageSource, or raise the limit.")
-        self._image_table.images = _check_image_table(images, self.cache_rows, 2**62)
+        self._image_table.images = check_image_table(
+            images, self.dataset_size, self.max_image_table_bytes, self.finite_augmentations,
+            owner=TABLE_OWNER)
 
     def image_sources(self) -> tuple:
         if isinstance(self.images, ImageSource):

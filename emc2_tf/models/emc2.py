@@ -46,10 +46,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from emc2_tf.checks import check_images
-from emc2_tf.data.batch import as_float_images
+from emc2_tf.data.finite import check_num_views
 from emc2_tf.data.image_source import ImageSource
 from emc2_tf.models.contrastive_model import ContrastiveModel, all_gather
+# The image table's holder, checks and reads live in image_store (shared with
+# CacheModel); the public names are re-exported here, where they were first.
+from emc2_tf.models.image_store import (  # noqa: F401  (re-exports)
+    DEFAULT_MAX_IMAGE_TABLE_BYTES,
+    IMAGE_TABLE_DEVICE,
+    TableOwner,
+    _ImageTable,
+    check_image_table,
+    gather_images,
+    image_table,
+)
 from emc2_tf.samplers.metropolis_hastings import (
     OUT_OF_BATCH,
     SCAN_IMPLEMENTATIONS,
@@ -66,28 +76,6 @@ from emc2_tf.samplers.metropolis_hastings import (
 #: gradient (the algorithm as the paper states it); "drop" = nothing, while
 #: still counting in the normaliser (the official main_mcmc estimator).
 OUT_OF_BATCH_MODES = ("reencode", "drop")
-
-#: Largest in-memory image table accepted by default (bytes as stored:
-#: 4 per value for a float32 table, 1 for a uint8 table).
-DEFAULT_MAX_IMAGE_TABLE_BYTES = 2 * 1024**3
-
-#: Where the image table lives: host memory. A step gathers its B rows there
-#: and copies only those (uint8: a quarter of float32) to the accelerator, so
-#: the table never takes accelerator memory and is never copied whole.
-IMAGE_TABLE_DEVICE = "/CPU:0"
-
-
-class _ImageTable:
-    """Holds the un-augmented images out of Keras' and tf.train's tracking.
-
-    The table is data, not model state: it must not be written into weights
-    files, checkpoints or exported SavedModels. `images` is an in-memory
-    tensor (host memory), an `ImageSource` read by index, or None.
-    """
-
-    def __init__(self, images: tf.Tensor | ImageSource | None):
-        self.images = images
-
 
 MISSING_IMAGES_MESSAGE = (
     "EMC2Model needs `images` for out_of_batch='reencode' or exact_ratio=True: the "
@@ -124,114 +112,10 @@ SOURCE_JIT_MESSAGE = (
 )
 
 
-def _table_size_message(what: str, rows: int, dataset_size: int,
-                        finite_augmentations: int | None) -> str | None:
-    """The one-line refusal of a table of `rows` rows, or None when the size fits."""
-    if finite_augmentations is None:
-        if rows == dataset_size:
-            return None
-        return (f"{what} holds {rows} images but dataset_size={dataset_size}; they must "
-                "match (one image per sample index).")
-    expected = dataset_size * finite_augmentations
-    if rows == expected:
-        return None
-    return (f"{what} holds {rows} rows but finite_augmentations={finite_augmentations} needs "
-            f"the stored-view table of dataset_size·K = {dataset_size}·{finite_augmentations} "
-            f"= {expected} rows (row = image·K + k), not the {dataset_size} un-augmented "
-            "images: the chains' states are stored views.")
-
-
-def _check_image_table(images: Any, dataset_size: int, max_bytes: int,
-                       finite_augmentations: int | None = None
-                       ) -> tf.Tensor | ImageSource | None:
-    """The table as stored, in host memory: uint8 stays uint8 (0..255), float → float32;
-    an `ImageSource` is kept as it is (read by index, no limit: nothing is held).
-
-    N rows (one un-augmented image per sample index), or with
-    `finite_augmentations=K` the N·K stored views (row = image·K + k)."""
-    if images is None:
-        return None
-    if isinstance(images, ImageSource):
-        message = _table_size_message(f"images (the source {images.name!r})",
-                                      images.num_images, dataset_size, finite_augmentations)
-        if message:
-            raise ValueError(message)
-        return images
-    dtype = tf.as_dtype(images.dtype)
-    if not (dtype.is_floating or dtype == tf.uint8):
-        raise ValueError(
-            f"images must be float with values in [0, 1] (like the views), or uint8 "
-            f"(0..255, converted per gathered row); got dtype {dtype.name}."
-        )
-    shape = tuple(images.shape)
-    if len(shape) != 4:
-        raise ValueError(
-            f"images must have rank 4 [N, height, width, channels]; got shape {shape}."
-        )
-    message = _table_size_message("images", shape[0], dataset_size, finite_augmentations)
-    if message:
-        raise ValueError(message)
-    stored = tf.uint8 if dtype == tf.uint8 else tf.float32
-    # NaN/inf (issue 13) or float pixels outside [0, 1] (issue 19: 0..255 floats)
-    # would re-encode negatives unlike the views they compete with.
-    check_images(images, "images (the model's image table)")
-    table_bytes = int(np.prod(shape)) * stored.size
-    if table_bytes > max_bytes:
-        smaller = (" Pass the images as uint8 (emc2_tf.image_table(images)) for a quarter "
-                   "of the size, or" if stored == tf.float32 else "")
-        raise ValueError(
-            f"The in-memory image table needs {table_bytes / 1024**3:.2f} GiB as "
-            f"{stored.name}, above the limit max_image_table_bytes={max_bytes} "
-            f"({max_bytes / 1024**3:.2f} GiB). EMC² re-encodes out-of-batch "
-            f"negatives by index inside the compiled step, so the images must fit "
-            f"in host memory.{smaller} use out_of_batch='drop' without exact_ratio "
-            "(it needs no table), or raise the limit if the host has room."
-        )
-    with tf.device(IMAGE_TABLE_DEVICE):
-        return tf.convert_to_tensor(images, dtype=stored)
-
-
-def image_table(images: Any) -> Any:
-    """`images` as EMC²'s image table: uint8 when the float images are exactly
-    `k / 255` (every 8-bit data set), a quarter of the memory with identical
-    re-encodings; otherwise the float images unchanged. An `ImageSource`
-    (e.g. a folder) is returned as it is: the model reads it by index.
-
-    uint8 images are returned as they are (0..255; the model scales each
-    gathered row by 1/255). Float images must be finite and in [0, 1], else
-    a one-line `ValueError` naming `images` and the range found
-    (`emc2_tf.checks.check_images`): 0..255 floats must be divided by 255.
-    """
-    if isinstance(images, ImageSource):
-        return images
-    images = np.asarray(images)
-    check_images(images, "images")
-    if images.dtype == np.uint8 or not np.issubdtype(images.dtype, np.floating):
-        return images
-    quantised = np.rint(np.asarray(images, np.float32) * 255.0)
-    if quantised.min() < 0 or quantised.max() > 255:
-        return images
-    as_uint8 = quantised.astype(np.uint8)
-    if np.array_equal(as_uint8.astype(np.float32) / np.float32(255.0),
-                      np.asarray(images, np.float32)):
-        return as_uint8
-    return images
-
-
-def gather_images(table: tf.Tensor | ImageSource, index: tf.Tensor) -> tf.Tensor:
-    """Rows `index` of the image table as float32 in [0, 1].
-
-    The gather (or the source's read) runs in host memory; only the B rows
-    travel, still as uint8 when the table is uint8, and are converted after.
-    A source reads with `tf.numpy_function` or `tf.data` ops: not inside XLA.
-    """
-    if isinstance(table, ImageSource):
-        with tf.device(IMAGE_TABLE_DEVICE):
-            rows = table.read(index)
-        return table.to_float(rows)
-    with tf.device(table.device or IMAGE_TABLE_DEVICE):
-        rows = tf.gather(table, index)
-    return as_float_images(rows)
+#: What the byte-limit refusal of EMC²'s image table says EMC² needs it for.
+TABLE_OWNER = TableOwner(
+    reads="EMC² re-encodes out-of-batch negatives by index inside the compiled step",
+    instead="use out_of_batch='drop' without exact_ratio (it needs no table)")
 
 
 @keras.saving.register_keras_serializable(package="emc2_tf")
@@ -378,16 +262,7 @@ class EMC2Model(ContrastiveModel):
         **kwargs: Any,
     ):
         super().__init__(encoder, dataset_size, temperature, seed, **kwargs)
-        if finite_augmentations is not None and (
-            isinstance(finite_augmentations, bool)
-            or not isinstance(finite_augmentations, (int, np.integer))
-            or finite_augmentations < 2
-        ):
-            raise ValueError(
-                "finite_augmentations must be None (fresh augmentations every step) or an "
-                f"integer ≥ 2 (K stored views per image); got {finite_augmentations!r}.")
-        self.finite_augmentations = (None if finite_augmentations is None
-                                     else int(finite_augmentations))
+        self.finite_augmentations = check_num_views(finite_augmentations, allow_none=True)
         if burn_in is not None and (
             isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or burn_in < 0
         ):
@@ -467,8 +342,9 @@ class EMC2Model(ContrastiveModel):
         the data set: give it the table before `fit`. `images` may be an
         `ImageSource` (nothing is held; see the constructor).
         """
-        self._image_table.images = _check_image_table(
-            images, self.dataset_size, self.max_image_table_bytes, self.finite_augmentations)
+        self._image_table.images = check_image_table(
+            images, self.dataset_size, self.max_image_table_bytes, self.finite_augmentations,
+            owner=TABLE_OWNER)
 
     def get_config(self):
         """The constructor arguments except `images` (data, not model state)."""
