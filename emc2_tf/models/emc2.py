@@ -157,6 +157,9 @@ class EMC2Model(ContrastiveModel):
             weights before each pass instead of the stored, stale score (the
             paper's theory; official `--finite_aug`). Proposing the current
             state itself is a self-transition, so it needs no extra candidate.
+            The refresh is one forward pass of the batch chains' stored
+            negatives, only of the chains that hold one (none in the first
+            epoch).
         out_of_batch: `"reencode"` or `"drop"`, what a recorded step still on
             the chain's out-of-batch negative from an earlier step adds
             (algorithms.md §2, step 5): `"reencode"` adds that negative
