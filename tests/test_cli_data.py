@@ -251,7 +251,11 @@ def _write_bad_folders(root, folders):
             "no_images": root / "no_images", "empty_class": empty_class}
 
 
-def test_every_bad_data_input_is_one_line_naming_it_and_writes_nothing(folders, tmp_path):
+# Two halves of the cases (14 trainer processes in all), so that pytest-xdist can
+# run them on two workers.
+@pytest.mark.parametrize("half", [0, 1])
+def test_every_bad_data_input_is_one_line_naming_it_and_writes_nothing(half, folders,
+                                                                       tmp_path):
     """Catches any bad data input reaching a TensorFlow stack trace, failing
     without naming the file or flag, or leaving a checkpoint folder behind: a
     corrupt file (named, with --skip_corrupt offered; with it the file is skipped
@@ -288,12 +292,14 @@ def test_every_bad_data_input_is_one_line_naming_it_and_writes_nothing(folders, 
         ([f"--data_dir={folders['labelled']}", "--test_fraction=0.99"],
          ["the training share would hold fewer images than the 10 classes; lower it"]),
     ]
-    for args, fragments in cases:
+    for args, fragments in cases[half::2]:
         result = _train(*folder, *args)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         for fragment in fragments:
             assert fragment in result.stderr, (args, result.stderr[-2000:])
         assert not os.path.exists(ck), args
+    if half == 1:  # the two runs below go with the lighter half
+        return
     digits = _train("--dataset=digits", "--skip_corrupt", f"--checkpoint_dir={ck}")
     _one_line_error(digits, "--skip_corrupt=True has no effect with --dataset=digits")
     skipped = _train(*folder, f"--data_dir={corrupt}", "--skip_corrupt")
