@@ -146,25 +146,25 @@ def test_readme_paper_recipes_run_with_every_flag_kept(name, tmp_path):
     shrink = {"epochs": "1", "batch_size": "8", "image_size": "32"}
     # One recipe per test case: two ResNet-18 runs of ~45 s each, so that
     # pytest-xdist can put them on different workers.
-    for command in [{"stl10": stl10, "in100": imagenet}[name]]:
-        args, readme_flags = [], {}
-        for arg in command[3:]:
-            flag, _, value = arg[2:].partition("=")
-            readme_flags[flag] = value
-            value = shrink.get(flag, folders.get(value, value))
-            args.append(f"--{flag}={value}" if _ else f"--{flag}")
-        outputs = [f"--checkpoint_dir={tmp_path / name}", f"--export_dir={tmp_path / 'sm'}",
-                   f"--tensorboard_dir={tmp_path / 'tb'}"]
-        result = run_python(["-m", "trainers.train", *args, *outputs])
-        assert result.returncode == 0, (name, result.stderr[-3000:])
-        recorded = dict(_flag_value(line) for line in
-                        (tmp_path / name / "flags.txt").read_text().splitlines())
-        for flag, value in readme_flags.items():
-            if flag not in shrink and "data_dir" not in flag:
-                assert _same_value(recorded.get(flag), value or "true"), (name, flag, recorded)
-        summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
-        assert summary["held_out_size"] == {"stl10": 6, "in100": 6}[name]
-        assert summary["train_size"] == {"stl10": 16, "in100": 18}[name]
+    command = {"stl10": stl10, "in100": imagenet}[name]
+    args, readme_flags = [], {}
+    for arg in command[3:]:
+        flag, _, value = arg[2:].partition("=")
+        readme_flags[flag] = value
+        value = shrink.get(flag, folders.get(value, value))
+        args.append(f"--{flag}={value}" if _ else f"--{flag}")
+    outputs = [f"--checkpoint_dir={tmp_path / name}", f"--export_dir={tmp_path / 'sm'}",
+               f"--tensorboard_dir={tmp_path / 'tb'}"]
+    result = run_python(["-m", "trainers.train", *args, *outputs])
+    assert result.returncode == 0, (name, result.stderr[-3000:])
+    recorded = dict(_flag_value(line) for line in
+                    (tmp_path / name / "flags.txt").read_text().splitlines())
+    for flag, value in readme_flags.items():
+        if flag not in shrink and "data_dir" not in flag:
+            assert _same_value(recorded.get(flag), value or "true"), (name, flag, recorded)
+    summary = json.loads(re.search(r"^summary: (.*)$", result.stdout, re.M).group(1))
+    assert summary["held_out_size"] == {"stl10": 6, "in100": 6}[name]
+    assert summary["train_size"] == {"stl10": 16, "in100": 18}[name]
 
 
 def test_readme_finite_augmentation_example_runs(tmp_path):

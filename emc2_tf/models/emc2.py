@@ -69,6 +69,7 @@ from emc2_tf.samplers.metropolis_hastings import (
     candidate_weights,
     default_burn_in,
     mh_scan,
+    out_of_batch_weight,
 )
 
 #: What a recorded step on a chain's out-of-batch negative contributes:
@@ -581,7 +582,5 @@ class EMC2Model(ContrastiveModel):
                        + tf.stop_gradient(recorded * alpha))
         total = tf.reduce_sum(weights * anchor_logits, axis=-1)
         if reencode:
-            out_of_batch_weight = tf.reduce_sum(
-                tf.where(states < 0, state_share, tf.zeros_like(state_share)), axis=-1)
-            total += tf.stop_gradient(out_of_batch_weight) * out_of_batch_logits
+            total += out_of_batch_weight(states, state_share) * out_of_batch_logits
         return tf.math.divide_no_nan(total, normaliser)

@@ -10,4 +10,5 @@ from emc2_tf.samplers.metropolis_hastings import (
     emc2_negative_term,
     metropolis_hastings_accept_probability,
     mh_scan,
+    out_of_batch_weight,
 )

@@ -351,12 +351,18 @@ def _compiled_core(key, inputs):
     """The passes in a `tf.function(jit_compile=True)`, one per scan, block size,
     refresh and input signature (module-level: each is traced once, so no
     function retraces however many models and shapes call it)."""
-    signature = (key, *((tuple(x.shape.as_list()) if x.shape.rank is not None else None,
-                         x.dtype.name) for x in inputs))
+    signature = (key, *_input_signature(inputs))
     if signature not in _COMPILED_CORES:
         _COMPILED_CORES[signature] = tf.function(
             lambda *inputs: _scan_passes(key, *inputs), jit_compile=True, autograph=False)
     return _COMPILED_CORES[signature]
+
+
+def _input_signature(inputs) -> tuple:
+    """`(shape, dtype name)` of each input: the key of a nested XLA function (one
+    function per signature, each traced once)."""
+    return tuple((tuple(x.shape.as_list()) if x.shape.rank is not None else None, x.dtype.name)
+                 for x in inputs)
 
 
 def _xla_compiles(key, inputs) -> bool:
@@ -576,12 +582,19 @@ _COMPILED_WEIGHTS: dict = {}
 
 def _compiled_weights(states, weights):
     """`_scatter_per_row` in a `tf.function(jit_compile=True)`, one per input signature."""
-    signature = tuple((tuple(x.shape.as_list()) if x.shape.rank is not None else None,
-                       x.dtype.name) for x in (states, weights))
+    signature = _input_signature((states, weights))
     if signature not in _COMPILED_WEIGHTS:
         _COMPILED_WEIGHTS[signature] = tf.function(_scatter_per_row, jit_compile=True,
                                                    autograph=False)
     return _COMPILED_WEIGHTS[signature]
+
+
+def out_of_batch_weight(states: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """`Σ_k w_k [s_k = OUT_OF_BATCH]` `[...]`: what the steps on the chain's
+    out-of-batch state add, the weight of its re-encoded score (no gradient)."""
+    weights = tf.stop_gradient(weights)
+    return tf.stop_gradient(
+        tf.reduce_sum(tf.where(states < 0, weights, tf.zeros_like(weights)), axis=-1))
 
 
 def state_weights(states: tf.Tensor, weights: tf.Tensor, num_columns) -> tf.Tensor:
@@ -595,7 +608,7 @@ def state_weights(states: tf.Tensor, weights: tf.Tensor, num_columns) -> tf.Tens
     weights = tf.stop_gradient(tf.cast(weights, tf.float32) if weights.dtype == tf.bool
                                else weights)
     in_batch = candidate_weights(states, weights, tf.cast(num_columns, tf.int32) - 1)
-    out_of_batch = tf.reduce_sum(tf.where(states < 0, weights, tf.zeros_like(weights)), axis=-1)
+    out_of_batch = out_of_batch_weight(states, weights)
     return tf.stop_gradient(tf.concat([in_batch, out_of_batch[..., None]], axis=-1))
 
 
