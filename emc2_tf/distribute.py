@@ -215,6 +215,32 @@ def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.di
     raise ValueError(f"Unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}.")
 
 
+#: Why `jit_compile=True` cannot run with replicas on logical devices of one CPU.
+SPLIT_CPU_XLA_REASON = (
+    "XLA compiles each replica's whole step for one device, but the replicas' variables "
+    "live on other logical devices of the same CPU (TensorFlow's XLA known issue "
+    "'tf.Variable on a different device'). Compile without it (the MH scan is still "
+    "compiled with XLA on its own, scan_compile='auto'), or run the replicas on GPUs")
+
+
+def check_jit_compile(strategy: tf.distribute.Strategy, jit_compile) -> None:
+    """Refuses `jit_compile=True` under a strategy whose local replicas are 2+
+    logical CPU devices (`split_cpu`), in one `ValueError` line.
+
+    TensorFlow fails there at the first step with a raw error ("Trying to access
+    resource .../replica_1 located in device CPU:1 from device CPU:0"), for any
+    Keras model, SimCLR included. GPUs are not affected.
+    """
+    if jit_compile is not True or strategy.num_replicas_in_sync < 2:
+        return  # (the default strategy has no `worker_devices`)
+    devices = list(strategy.extended.worker_devices)
+    if len(devices) > 1 and all(
+            tf.DeviceSpec.from_string(device).device_type == "CPU" for device in devices):
+        raise ValueError(
+            f"jit_compile=True under {type(strategy).__name__} over {len(devices)} logical "
+            f"CPU devices: {SPLIT_CPU_XLA_REASON}.")
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process should write files (exports, logs): worker 0 or no cluster."""
     resolver = getattr(strategy, "cluster_resolver", None)

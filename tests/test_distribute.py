@@ -174,6 +174,15 @@ def test_bad_distribution_input_fails_fast_with_a_clear_line():
             "--strategy=mirrored") in result.stderr
     assert "Traceback" not in result.stderr
 
+    # XLA over logical CPU devices (test_jit_compile_on_split_cpu_is_refused_before_the_first_step).
+    result = run_python(["-m", "trainers.train", "--strategy=mirrored", "--cpu_devices=2",
+                         "--jit_compile", "--epochs=1"], timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("train: error: --jit_compile with --strategy=mirrored "
+                                "--cpu_devices=2: XLA compiles"), errors[0]
+    assert "Drop --jit_compile" in errors[0] and "Traceback" not in result.stderr
+
     ports = [_free_port(), _free_port()]  # nobody listens on the second one
     started = time.monotonic()
     worker = _start(["-m", "trainers.train", "--strategy=multi_worker", "--worker_timeout=5",
@@ -190,6 +199,43 @@ def test_bad_distribution_input_fails_fast_with_a_clear_line():
     bad = _start(["-m", "trainers.train", "--strategy=multi_worker", "--epochs=1"], "{not json")
     _, err = bad.communicate(timeout=120)
     assert bad.returncode != 0 and "TF_CONFIG is not valid" in err and "Traceback" not in err
+
+
+_JIT_ON_SPLIT_CPU = """
+import numpy as np, keras, tensorflow as tf, emc2_tf
+emc2_tf.split_cpu(2)
+strategy = emc2_tf.make_strategy("mirrored")
+images = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
+dataset = emc2_tf.make_two_view_dataset(images, 8, emc2_tf.AugmentConfig.for_dataset("digits"),
+                                        seed=0)
+for method, jit in (("emc2", True), ("simclr", True), ("emc2", False)):
+    with strategy.scope():
+        model = emc2_tf.build_model(method, encoder=emc2_tf.build_small_cnn_encoder((8, 8, 1)),
+                                    dataset_size=16, seed=0)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+    try:
+        model.fit(dataset, epochs=1, verbose=0)
+        print(method, jit, "trained", model.optimizer.iterations.numpy())
+    except ValueError as error:
+        print(method, jit, "ValueError:", error)
+"""
+
+
+def test_jit_compile_on_split_cpu_is_refused_before_the_first_step():
+    """Bug caught: `model.compile(jit_compile=True)` under MirroredStrategy over 2
+    logical CPU devices died at the first step with TensorFlow's raw "Trying to
+    access resource .../replica_1 located in device CPU:1 from device CPU:0" (any
+    Keras model: SimCLR too). `fit` must refuse it in one ValueError line before a
+    step runs, and still train with `jit_compile=False`."""
+    result = run_python(["-c", _JIT_ON_SPLIT_CPU], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    refusal = ("ValueError: jit_compile=True under MirroredStrategy over 2 logical CPU "
+               "devices: XLA compiles")
+    assert len(lines) == 3, result.stdout
+    assert lines[0].startswith(f"emc2 True {refusal}"), lines[0]
+    assert lines[1].startswith(f"simclr True {refusal}"), lines[1]
+    assert lines[2] == "emc2 False trained 2", lines[2]
 
 
 if __name__ == "__main__":

@@ -487,12 +487,17 @@ class ContrastiveModel(keras.Model):
         `image_sources()`) raises one `ValueError` naming its file.
         Under MultiWorkerMirroredStrategy each worker reads only its share of
         a `make_two_view_dataset` stream (`_distribute_by_worker`).
+        `jit_compile=True` with replicas on logical CPU devices (`split_cpu`)
+        raises one `ValueError` before the first step (`check_jit_compile`).
         """
         # Issue 13 (safety, see emc2_tf/safety.py): stop at the first non-finite
         # step with a NonFiniteError (StopOnNonFinite, first in the list, unless the
         # caller passed one). (EMC²'s image table is checked when it is set.)
         from emc2_tf.data.batch import BATCH_SIZE_MESSAGE
+        from emc2_tf.distribute import check_jit_compile
         from emc2_tf.safety import StopOnNonFinite
+
+        check_jit_compile(self.distribute_strategy, self.jit_compile)
 
         steps_per_epoch = None
         sources = list(self.image_sources())
