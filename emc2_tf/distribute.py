@@ -100,9 +100,9 @@ def read_tf_config() -> tuple[list[str], int]:
 #: SIGKILL only if that handler is not installed or the process still lives 5 s on.
 _WATCHDOG = r"""
 import json, os, signal, socket, sys, time
-parent, timeout, workers, task_index, exits_on_sigint = (
+parent, timeout, workers, task_index, exits_on_sigint, prefix = (
     int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]),
-    sys.argv[5] == "1")
+    sys.argv[5] == "1", sys.argv[6])
 deadline = time.monotonic() + timeout
 while time.monotonic() < deadline:
     if os.getppid() != parent:
@@ -119,7 +119,7 @@ for index, address in enumerate(workers):
         silent.append(f"worker {index} at {address}")
 who = ", ".join(silent) or "a worker (its port is open)"
 sys.stderr.write(
-    f"error: --strategy=multi_worker: {who} (from TF_CONFIG) did not join the cluster "
+    f"{prefix}error: --strategy=multi_worker: {who} (from TF_CONFIG) did not join the cluster "
     f"within {timeout:g} s; start every worker listed in TF_CONFIG, check the addresses "
     "and firewall, or raise --worker_timeout.\n")
 sys.stderr.flush()
@@ -156,7 +156,7 @@ def _exit_on_sigint() -> Callable[[], None] | None:
     return lambda: install(signal.SIGINT, previous)
 
 
-def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
+def _multi_worker_strategy(worker_timeout: float, program: str | None) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy that gives up after `worker_timeout` seconds.
 
     Joining the cluster happens inside TensorFlow's C++ runtime (the eager
@@ -171,13 +171,15 @@ def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
     Exit status 2 (issue 19: it was 137, a SIGKILL, which reads as a crash or the
     out-of-memory killer): during the join SIGINT exits with status 2
     (`_exit_on_sigint`), and the watchdog sends SIGINT; SIGKILL stays its
-    fallback. A Ctrl-C during the join now ends it too.
+    fallback. A Ctrl-C during the join now ends it too. The line starts with
+    `{program}: error:` (the trainer's `train: error:`), or `error:` without one.
     """
     workers, task_index = read_tf_config()
     restore_sigint = _exit_on_sigint()
     watchdog = subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(worker_timeout),
-         json.dumps(workers), str(task_index), "1" if restore_sigint else "0"],
+         json.dumps(workers), str(task_index), "1" if restore_sigint else "0",
+         f"{program}: " if program else ""],
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -190,7 +192,8 @@ def _multi_worker_strategy(worker_timeout: float) -> tf.distribute.Strategy:
             restore_sigint()
 
 
-def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.distribute.Strategy:
+def make_strategy(name: str = "default", worker_timeout: float = 120.0,
+                  program: str | None = None) -> tf.distribute.Strategy:
     """The distribution strategy called `name` (`STRATEGIES`).
 
     Args:
@@ -199,6 +202,9 @@ def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.di
             (MultiWorkerMirroredStrategy over the workers of `TF_CONFIG`).
         worker_timeout: seconds to wait for the other workers to come up, and
             the timeout of each collective operation.
+        program: the name that starts the one-line error of a worker that did
+            not join (`train` gives `train: error: ...`, as the trainer's other
+            errors); without it the line starts with `error:`.
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -211,7 +217,7 @@ def make_strategy(name: str = "default", worker_timeout: float = 120.0) -> tf.di
             devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice()
         )
     if name == "multi_worker":
-        return _multi_worker_strategy(worker_timeout)
+        return _multi_worker_strategy(worker_timeout, program)
     raise ValueError(f"Unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}.")
 
 

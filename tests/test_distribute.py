@@ -193,7 +193,10 @@ def test_bad_distribution_input_fails_fast_with_a_clear_line():
         worker.kill()
         worker.wait()
     assert worker.returncode == 2, err[-2000:]  # a one-line error, not SIGKILL (137)
-    assert f"worker 1 at 127.0.0.1:{ports[1]} (from TF_CONFIG) did not join the cluster within 5 s" in err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and lines[0].startswith(  # the trainer's `train: error:` prefix
+        f"train: error: --strategy=multi_worker: worker 1 at 127.0.0.1:{ports[1]} (from "
+        "TF_CONFIG) did not join the cluster within 5 s"), err[-2000:]
     assert time.monotonic() - started < 60
 
     bad = _start(["-m", "trainers.train", "--strategy=multi_worker", "--epochs=1"], "{not json")

@@ -289,7 +289,8 @@ def start_strategy():
         except (RuntimeError, ValueError) as error:
             fail(f"--cpu_devices={FLAGS.cpu_devices}: {error}")
     try:
-        strategy = emc2_tf.make_strategy(FLAGS.strategy, worker_timeout=FLAGS.worker_timeout)
+        strategy = emc2_tf.make_strategy(FLAGS.strategy, worker_timeout=FLAGS.worker_timeout,
+                                         program=PROGRAM)
     except ValueError as error:
         fail(f"--strategy={FLAGS.strategy}: {error}")
     replicas = strategy.num_replicas_in_sync
