@@ -221,12 +221,13 @@ def make_strategy(name: str = "default", worker_timeout: float = 120.0,
     raise ValueError(f"Unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}.")
 
 
-#: Why `jit_compile=True` cannot run with replicas on logical devices of one CPU.
-SPLIT_CPU_XLA_REASON = (
-    "XLA compiles each replica's whole step for one device, but the replicas' variables "
-    "live on other logical devices of the same CPU (TensorFlow's XLA known issue "
-    "'tf.Variable on a different device'). Compile without it (the MH scan is still "
-    "compiled with XLA on its own, scan_compile='auto'), or run the replicas on GPUs")
+def split_cpu_xla_reason(remedy: str = "Compile without it") -> str:
+    """Why `jit_compile=True` cannot run with replicas on logical devices of one CPU,
+    and the way out, starting with `remedy` (the trainer's: "Drop --jit_compile")."""
+    return ("XLA compiles each replica's whole step for one device, but the replicas' "
+            "variables live on other logical devices of the same CPU (TensorFlow's XLA known "
+            f"issue 'tf.Variable on a different device'). {remedy} (the MH scan is still "
+            "compiled with XLA on its own, scan_compile='auto'), or run the replicas on GPUs")
 
 
 def check_jit_compile(strategy: tf.distribute.Strategy, jit_compile) -> None:
@@ -244,7 +245,7 @@ def check_jit_compile(strategy: tf.distribute.Strategy, jit_compile) -> None:
             tf.DeviceSpec.from_string(device).device_type == "CPU" for device in devices):
         raise ValueError(
             f"jit_compile=True under {type(strategy).__name__} over {len(devices)} logical "
-            f"CPU devices: {SPLIT_CPU_XLA_REASON}.")
+            f"CPU devices: {split_cpu_xla_reason()}.")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -109,11 +109,10 @@ def check_flag_combinations(program: str, run_flags) -> None:
                           f"{run_flags[governing].value}; it acts under --{governing}="
                           f"{'|'.join(acting)}: drop it, or pass one of those.")
     if run_flags.jit_compile and run_flags.strategy == "mirrored" and run_flags.cpu_devices >= 2:
-        from emc2_tf.distribute import SPLIT_CPU_XLA_REASON
+        from emc2_tf.distribute import split_cpu_xla_reason
 
-        reason = SPLIT_CPU_XLA_REASON.replace("Compile without it", "Drop --jit_compile")
         fail(program, f"--jit_compile with --strategy=mirrored --cpu_devices="
-                      f"{run_flags.cpu_devices}: {reason}.")
+                      f"{run_flags.cpu_devices}: {split_cpu_xla_reason('Drop --jit_compile')}.")
     check_finite_flags(program, run_flags)
     check_data_flags(program, run_flags)
 

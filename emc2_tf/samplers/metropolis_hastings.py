@@ -592,7 +592,6 @@ def _compiled_weights(states, weights):
 def out_of_batch_weight(states: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """`Σ_k w_k [s_k = OUT_OF_BATCH]` `[...]`: what the steps on the chain's
     out-of-batch state add, the weight of its re-encoded score (no gradient)."""
-    weights = tf.stop_gradient(weights)
     return tf.stop_gradient(
         tf.reduce_sum(tf.where(states < 0, weights, tf.zeros_like(weights)), axis=-1))
 
